@@ -1,0 +1,35 @@
+# make run: set up .venv and run the service on config.yaml.  make test: set up and run the tests.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: run test lint format soak once folders
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+folders:
+	mkdir -p inbox done failed results
+
+run: $(STAMP) folders
+	$(PY) -m watcher --config config.yaml
+
+once: $(STAMP) folders
+	$(PY) -m watcher --config config.yaml --once inbox --output results/once_results.json
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+soak: $(STAMP)
+	$(PY) -m pytest -q -m soak
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .

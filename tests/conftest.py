@@ -1,0 +1,70 @@
+"""Shared fixtures: a tiny random-weight checkpoint, image makers, the shared data location."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from model import checkpoint as ckpt
+from model.network import GenderNet
+from model.preprocess import InputSpec
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+needs_shared_data = pytest.mark.skipif(
+    not (SHARED_DATA / "faces").is_dir(), reason=f"shared face data not found at {SHARED_DATA} (see shared/data/README.md)"
+)
+TINY_ARCH = {"stem_width": 4, "widths": [8, 8]}
+TINY_SPEC = InputSpec(32, 32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+
+
+def make_tiny_checkpoint(path: Path, seed: int = 0) -> str:
+    torch.manual_seed(seed)
+    model = GenderNet(**TINY_ARCH).eval()
+    return ckpt.save(path, model, TINY_ARCH, TINY_SPEC, ["female", "male"], {"note": f"random weights, seed {seed}"})
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
+    make_tiny_checkpoint(path)
+    return path
+
+
+def image_bytes(
+    size: tuple[int, int] = (40, 50), colour: tuple[int, int, int] = (200, 120, 90), fmt: str = "JPEG", mode: str = "RGB", **save
+) -> bytes:
+    img = Image.new(mode, size, colour if mode == "RGB" else None)
+    if mode == "RGB":
+        # a little structure, so decoders and resizers have something to do
+        for x in range(0, size[0], 7):
+            for y in range(size[1]):
+                img.putpixel((x, y), (colour[2], colour[0], colour[1]))
+    buf = io.BytesIO()
+    img.save(buf, fmt, **save)
+    return buf.getvalue()
+
+
+def write_config(folder: Path, checkpoint: Path, **sections: dict) -> Path:
+    """A service config in `folder` with inbox/, done/, failed/, results/ created there."""
+    for name in ("inbox", "done", "failed", "results"):
+        (folder / name).mkdir(exist_ok=True)
+    lines = [f"checkpoint: {checkpoint}", "logging: {format: json, level: info}"]
+    lines += [f"{name}: {values}" for name, values in sections.items()]
+    path = folder / "config.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.run(
+        [sys.executable, "-m", "watcher", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )

@@ -1,0 +1,106 @@
+"""Run the real service as a subprocess on temporary folders, and watch what it says and does."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from tests.conftest import ROOT, write_config
+
+
+class ServiceProcess:
+    def __init__(self, folder: Path, checkpoint: Path, env: dict | None = None, **sections: dict) -> None:
+        self.folder = folder
+        self.config = write_config(folder, checkpoint, **sections)
+        self.inbox, self.done, self.failed = folder / "inbox", folder / "done", folder / "failed"
+        self.results, self.journal = folder / "results" / "process_results.json", folder / "results" / "journal.jsonl"
+        self.notify_path = folder / "notify.sock"
+        self.notify_sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.notify_sock.bind(str(self.notify_path))
+        self.notify_sock.settimeout(0.2)
+        self.env = dict(os.environ, PYTHONPATH=str(ROOT), NOTIFY_SOCKET=str(self.notify_path), **(env or {}))
+        self.logs: list[dict] = []
+        self.messages: list[str] = []
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, wait_ready: bool = True) -> ServiceProcess:
+        self.logs.clear()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "watcher", "--config", str(self.config)],
+            env=self.env,
+            stderr=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            text=True,
+        )
+        threading.Thread(target=self._read_logs, args=(self.proc,), daemon=True).start()
+        threading.Thread(target=self._read_notify, daemon=True).start()
+        if wait_ready:
+            self.wait_for(lambda: "READY=1" in " ".join(self.messages), 60, "READY=1")
+        return self
+
+    def _read_logs(self, proc: subprocess.Popen) -> None:
+        for line in proc.stderr:
+            try:
+                self.logs.append(json.loads(line))
+            except ValueError:
+                self.logs.append({"event": "raw", "line": line.rstrip()})
+
+    def _read_notify(self) -> None:
+        while (self.proc and self.proc.poll() is None) or self._drain_once():
+            self._drain_once()
+
+    def _drain_once(self) -> bool:
+        try:
+            self.messages.append(self.notify_sock.recv(4096).decode())
+            return True
+        except (TimeoutError, OSError):
+            return False
+
+    def events(self, name: str) -> list[dict]:
+        return [e for e in list(self.logs) if e.get("event") == name]
+
+    def wait_for(self, condition, timeout: float = 30, what: str = "condition") -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if condition():
+                return
+            if self.proc and self.proc.poll() is not None:
+                raise AssertionError(f"service exited with {self.proc.returncode} while waiting for {what}: {self.logs[-5:]}")
+            time.sleep(0.05)
+        raise AssertionError(f"timed out waiting for {what}; last logs: {self.logs[-5:]}")
+
+    def journal_records(self) -> list[dict]:
+        records = []
+        for path in sorted(self.journal.parent.glob("journal*.jsonl")):
+            records += [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return records
+
+    def wait_handled(self, count: int, timeout: float = 60) -> None:
+        self.wait_for(lambda: len(self.journal_records()) >= count, timeout, f"{count} journal records")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        self.proc.send_signal(sig)
+        code = self.proc.wait(timeout)
+        time.sleep(0.3)  # let the reader threads catch the last lines and datagrams
+        return code
+
+    def close(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.notify_sock.close()
+
+
+def drop(folder: Path, name: str, data: bytes) -> Path:
+    """Write a file the way careful uploaders do: to a temporary name, then rename into place."""
+    tmp = folder / f".{name}.part"
+    tmp.write_bytes(data)
+    os.rename(tmp, folder / name)
+    return folder / name

@@ -1,0 +1,126 @@
+import pickle
+import zipfile
+
+import pytest
+import torch
+
+from model import checkpoint as ckpt
+from model.network import GenderNet
+from tests.conftest import TINY_ARCH, TINY_SPEC, make_tiny_checkpoint
+
+
+def test_round_trip(tmp_path):
+    path = tmp_path / "c.pt"
+    torch.manual_seed(1)
+    model = GenderNet(**TINY_ARCH).eval()
+    version = ckpt.save(path, model, TINY_ARCH, TINY_SPEC, ["female", "male"], {"data": "x", "test_accuracy": {"all": 0.9}})
+    loaded = ckpt.load(path)
+    assert loaded.version == version and loaded.spec == TINY_SPEC and loaded.class_names == ["female", "male"]
+    assert loaded.meta["test_accuracy"] == {"all": 0.9}
+    x = torch.randn(3, 3, 32, 32)
+    with torch.inference_mode():
+        assert torch.equal(model(x), loaded.model(x))
+    assert not list(tmp_path.glob(".*.tmp"))  # atomic write leaves no temp file
+
+
+def test_version_changes_with_weights(tmp_path):
+    assert (
+        make_tiny_checkpoint(tmp_path / "a.pt", seed=1).split("-")[-1]
+        != make_tiny_checkpoint(tmp_path / "b.pt", seed=2).split("-")[-1]
+    )
+
+
+def _payload(path):
+    return torch.load(path, weights_only=True)
+
+
+@pytest.fixture
+def good(tmp_path):
+    path = tmp_path / "good.pt"
+    make_tiny_checkpoint(path)
+    return path
+
+
+def _refused(path, match):
+    with pytest.raises(ckpt.CheckpointError, match=match) as info:
+        ckpt.load(path)
+    assert str(path) in str(info.value)
+
+
+def test_missing_file(tmp_path):
+    _refused(tmp_path / "nope.pt", "not found")
+
+
+def test_truncated(good):
+    data = good.read_bytes()
+    good.write_bytes(data[: len(data) // 2])
+    _refused(good, "cannot be read")
+
+
+def test_not_a_checkpoint(tmp_path):
+    path = tmp_path / "x.pt"
+    path.write_text("hello")
+    _refused(path, "cannot be read")
+    torch.save([1, 2, 3], path)
+    _refused(path, "expected a dict")
+
+
+def test_missing_and_wrong_keys(good):
+    payload = _payload(good)
+    del payload["class_names"]
+    torch.save(payload, good)
+    _refused(good, r"missing keys \['class_names'\]")
+
+
+def test_wrong_format_and_arch(good):
+    payload = _payload(good)
+    torch.save(payload | {"format": "other/9"}, good)
+    _refused(good, "format")
+    torch.save(payload | {"arch": "ResNet9000"}, good)
+    _refused(good, "unknown architecture")
+
+
+def test_weights_of_another_shape(good):
+    payload = _payload(good)
+    payload["arch_args"] = {"stem_width": 4, "widths": [8, 16]}
+    torch.save(payload, good)
+    _refused(good, "do not fit")
+
+
+def test_nan_weights(good):
+    payload = _payload(good)
+    name = next(k for k in payload["state_dict"] if k.endswith("weight"))
+    payload["state_dict"][name][...] = float("nan")
+    torch.save(payload, good)
+    _refused(good, "non-finite")
+
+
+def test_edited_weights_fail_the_hash(good):
+    payload = _payload(good)
+    name = next(k for k in payload["state_dict"] if k.endswith("weight"))
+    payload["state_dict"][name] += 0.01
+    torch.save(payload, good)
+    _refused(good, "hash")
+
+
+class _Exploit:
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {MARKER}",))
+
+
+MARKER = None
+
+
+def test_pickle_that_runs_code_is_never_executed(tmp_path):
+    global MARKER
+    MARKER = tmp_path / "pwned"
+    path = tmp_path / "evil.pt"
+    with zipfile.ZipFile(path, "w") as z:  # torch's zip layout with a malicious data.pkl
+        z.writestr("evil/data.pkl", pickle.dumps({"state_dict": _Exploit()}, protocol=2))
+        z.writestr("evil/version", "3\n")
+    _refused(path, "cannot be read")
+    path.write_bytes(pickle.dumps(_Exploit(), protocol=2))
+    _refused(path, "cannot be read")
+    assert not MARKER.exists()

@@ -1,0 +1,91 @@
+import os
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+import model
+from tests.conftest import ROOT
+from watcher import config as configuration
+from watcher.config import ConfigError, check_service_paths
+
+
+def write(tmp_path, text):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_config_yaml_documents_the_defaults():
+    shipped = configuration.load(ROOT / "config.yaml")
+    defaults = configuration.load(None)
+    for key in ("batch", "intake", "rotation", "reload", "logging"):
+        assert getattr(shipped, key) == getattr(defaults, key), key
+    assert shipped.checkpoint == model.DEFAULT_CHECKPOINT.resolve()
+    text = (ROOT / "config.yaml").read_text()
+    for key, value in configuration.DEFAULTS.items():
+        assert f"\n{key}:" in text, f"config.yaml does not document {key}"
+        if isinstance(value, dict):
+            for sub in value:
+                assert f"\n  {sub}:" in text, f"config.yaml does not document {key}.{sub}"
+
+
+def test_relative_paths_resolve_against_the_config_folder(tmp_path):
+    cfg = configuration.load(write(tmp_path, "inbox: in\nresults: r/p.json\n"))
+    assert cfg.inbox == tmp_path / "in" and cfg.results == tmp_path / "r" / "p.json"
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ("inbx: x\n", "inbx"),
+        ("batch: {max_size: 0}\n", "batch.max_size"),
+        ("batch: {max_size: 1.5}\n", "batch.max_size"),
+        ("batch: {max_size: true}\n", "batch.max_size"),
+        ("batch: 3\n", "batch"),
+        ("intake: {settle_seconds: -1}\n", "intake.settle_seconds"),
+        ("logging: {level: loud}\n", "logging.level"),
+        ("rotation: {max_bytes: 1, keep: 3}\n", "rotation.keep"),
+        ("inbox: 5\n", "inbox"),
+    ],
+)
+def test_bad_values_name_the_key(tmp_path, text, key):
+    with pytest.raises(ConfigError, match=re.escape(f"'{key}'")):
+        configuration.load(write(tmp_path, text))
+
+
+def test_not_yaml_or_not_a_mapping(tmp_path):
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        configuration.load(write(tmp_path, "a: [\n"))
+    with pytest.raises(ConfigError, match="mapping"):
+        configuration.load(write(tmp_path, "- 1\n"))
+
+
+def test_service_paths_must_exist_and_be_writable(tmp_path, tiny_checkpoint):
+    cfg = configuration.load(write(tmp_path, f"checkpoint: {tiny_checkpoint}\n"))
+    with pytest.raises(ConfigError, match=r"'inbox' folder .* does not exist"):
+        check_service_paths(cfg)
+    for name in ("inbox", "done", "failed", "results"):
+        (tmp_path / name).mkdir()
+    check_service_paths(cfg)
+    if os.geteuid() != 0:  # root may write anywhere
+        (tmp_path / "done").chmod(0o500)
+        with pytest.raises(ConfigError, match=r"'done' folder .* not writable"):
+            check_service_paths(cfg)
+
+
+def test_done_on_another_filesystem_is_refused(tmp_path, tiny_checkpoint):
+    other = Path("/dev/shm")
+    if not other.is_dir() or other.stat().st_dev == tmp_path.stat().st_dev:
+        pytest.skip("no second filesystem to test with")
+    done = Path(os.path.realpath(other)) / f"gw-test-{os.getpid()}"
+    done.mkdir()
+    try:
+        for name in ("inbox", "failed", "results"):
+            (tmp_path / name).mkdir()
+        cfg = configuration.load(write(tmp_path, yaml.safe_dump({"done": str(done), "checkpoint": str(tiny_checkpoint)})))
+        with pytest.raises(ConfigError, match=r"'done' .* another filesystem"):
+            check_service_paths(cfg)
+    finally:
+        done.rmdir()

@@ -1,0 +1,87 @@
+import os
+import time
+
+from watcher.intake import CLOSED, Intake, is_waiting_name
+
+
+def test_waiting_names():
+    for name in (".x.jpg", "a.part", "a.tmp", "a.jpg~"):
+        assert is_waiting_name(name)
+    assert not is_waiting_name("a.jpg")
+
+
+def test_closed_hint_is_ready_at_once(tmp_path):
+    intake = Intake(tmp_path, settle=5)
+    (tmp_path / "a.jpg").write_bytes(b"x")
+    intake.hint(str(tmp_path / "a.jpg"), CLOSED)
+    assert intake.take() == [tmp_path / "a.jpg"]
+    assert intake.take() == []  # handed out once
+
+
+def test_rescan_waits_for_settled_size_and_mtime(tmp_path):
+    intake = Intake(tmp_path, settle=1.0)
+    path = tmp_path / "a.jpg"
+    path.write_bytes(b"x")
+    intake.rescan()
+    now = time.time()
+    assert intake.take(now) == [] and intake.waiting()
+    assert intake.take(now + 0.5) == []
+    with open(path, "ab") as f:  # still being written: the clock starts again
+        f.write(b"more")
+    assert intake.take(now + 1.2) == []
+    assert intake.take(now + 2.5) == [path]
+
+
+def test_old_files_found_by_rescan(tmp_path):
+    intake = Intake(tmp_path, settle=1.0)
+    path = tmp_path / "old.jpg"
+    path.write_bytes(b"x")
+    os.utime(path, (time.time() - 100, time.time() - 100))
+    intake.rescan()
+    now = time.time()
+    intake.take(now)
+    assert intake.take(now + 1.0) == [path]
+
+
+def test_waiting_names_folders_and_specials(tmp_path):
+    intake = Intake(tmp_path, settle=0)
+    (tmp_path / "a.part").write_bytes(b"x")
+    (tmp_path / ".b.jpg").write_bytes(b"x")
+    (tmp_path / "dir.jpg").mkdir()
+    os.symlink("/etc/passwd", tmp_path / "link.jpg")
+    os.mkfifo(tmp_path / "fifo.jpg")
+    intake.rescan()
+    now = time.time()
+    first = intake.take(now)
+    assert set(first) == {tmp_path / "link.jpg", tmp_path / "fifo.jpg"}  # never opened, quarantined later
+    assert intake.take(now + 1) == []
+
+
+def test_name_in_pipeline_is_looked_at_after_release(tmp_path):
+    intake = Intake(tmp_path, settle=5)
+    path = tmp_path / "a.jpg"
+    path.write_bytes(b"x")
+    intake.hint(str(path), CLOSED)
+    assert intake.take() == [path]
+    intake.hint(str(path), CLOSED)  # same name dropped again while the first is in the pipeline
+    assert intake.take() == []
+    intake.release([path])
+    assert intake.take() == [path]
+
+
+def test_watchdog_events_wake_and_hint(tmp_path):
+    woken = []
+    intake = Intake(tmp_path, settle=5, wake=lambda: woken.append(1))
+    intake.start()
+    try:
+        (tmp_path / "a.jpg").write_bytes(b"x")  # create, write, close
+        (tmp_path / "b.part").write_bytes(b"x")
+        os.rename(tmp_path / "b.part", tmp_path / "b.jpg")  # renamed into place
+        deadline = time.time() + 5
+        got = []
+        while time.time() < deadline and len(got) < 2:
+            got += intake.take()
+            time.sleep(0.05)
+        assert sorted(got) == [tmp_path / "a.jpg", tmp_path / "b.jpg"] and woken
+    finally:
+        intake.stop()

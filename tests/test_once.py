@@ -1,0 +1,72 @@
+"""`python -m watcher --once DIR`: output format, exit codes, and DIR left untouched."""
+
+import json
+
+import yaml
+
+from tests.conftest import image_bytes, run_cli
+
+
+def snapshot(folder):
+    return {p.name: (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.iterdir()}
+
+
+def config_for(tmp_path, checkpoint):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"checkpoint": str(checkpoint), "logging": {"format": "json"}}))
+    return path
+
+
+def test_all_classified_exit_0(tmp_path, tiny_checkpoint):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(70):  # more than one batch
+        (photos / f"{i:06d}.jpg").write_bytes(image_bytes(colour=(i * 3, 100, 200 - i)))
+    (photos / "x.png").write_bytes(image_bytes(fmt="PNG"))
+    (photos / ".hidden.jpg").write_bytes(b"ignored")
+    (photos / "sub").mkdir()
+    before = snapshot(photos)
+    out = tmp_path / "res.json"
+    proc = run_cli("--once", str(photos), "--output", str(out), "--config", str(config_for(tmp_path, tiny_checkpoint)))
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads(out.read_text())
+    assert sorted(results) == sorted([f"{i:06d}.jpg" for i in range(70)] + ["x.png"])
+    assert set(results.values()) <= {"female", "male"}
+    assert snapshot(photos) == before
+
+
+def test_unreadable_files_are_reported_and_exit_1(tmp_path, tiny_checkpoint):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "good.jpg").write_bytes(image_bytes())
+    (photos / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    (photos / "notes.txt").write_text("text")
+    out = tmp_path / "res.json"
+    proc = run_cli("--once", str(photos), "--output", str(out), "--config", str(config_for(tmp_path, tiny_checkpoint)))
+    assert proc.returncode == 1
+    assert list(json.loads(out.read_text())) == ["good.jpg"]
+    failures = [r for r in map(json.loads, proc.stderr.splitlines()) if r["event"] == "failed"]
+    assert {f["file"] for f in failures} == {"broken.jpg", "notes.txt"}
+    assert all(f["reason"] for f in failures)
+
+
+def test_default_output_is_process_results_json_in_the_current_folder(tmp_path, tiny_checkpoint):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "a.jpg").write_bytes(image_bytes())
+    proc = run_cli("--once", str(photos), "--config", str(config_for(tmp_path, tiny_checkpoint)), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert list(json.loads((tmp_path / "process_results.json").read_text())) == ["a.jpg"]
+
+
+def test_usage_and_config_errors_exit_2(tmp_path, tiny_checkpoint):
+    assert run_cli("--once", str(tmp_path / "missing")).returncode == 2
+    assert run_cli("--bogus").returncode == 2
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("batch: {max_size: lots}\n")
+    proc = run_cli("--once", str(tmp_path), "--config", str(bad))
+    assert proc.returncode == 2 and "batch.max_size" in proc.stderr
+    broken = tmp_path / "broken.pt"
+    broken.write_bytes(b"PK\x03\x04 truncated")
+    proc = run_cli("--once", str(tmp_path), "--config", str(config_for(tmp_path, broken)))
+    assert proc.returncode == 2 and "broken.pt" in proc.stderr

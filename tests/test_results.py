@@ -1,0 +1,72 @@
+"""Results file and journal: commit, rotation, and recovery from torn or interrupted states."""
+
+import json
+
+from watcher.results import ResultStore, numbered
+
+
+def rec(key, label="female"):
+    return {"key": key, "status": "done", "label": label, "source": f"/in/{key}", "dest": f"/done/{key}"}
+
+
+def store_in(tmp_path, max_bytes=10_000):
+    return ResultStore(tmp_path / "process_results.json", tmp_path / "journal.jsonl", max_bytes)
+
+
+def test_commit_appends_journal_and_rewrites_results(tmp_path):
+    s = store_in(tmp_path)
+    assert s.recover() == []
+    assert json.loads(s.results.read_text()) == {}
+    s.commit([rec("a.jpg"), rec("b.jpg", "male"), {"key": "c.jpg", "status": "failed", "reason": "x"}])
+    assert json.loads(s.results.read_text()) == {"a.jpg": "female", "b.jpg": "male"}
+    assert len(s.journal.read_text().splitlines()) == 3
+    s.close()
+
+
+def test_recover_rebuilds_results_from_the_journal(tmp_path):
+    s = store_in(tmp_path)
+    s.recover()
+    s.commit([rec("a.jpg")])
+    s.close()
+    s.results.write_text("{}")  # as if the crash came between journal fsync and results replace
+    again = store_in(tmp_path)
+    assert [r["key"] for r in again.recover()] == ["a.jpg"]
+    assert json.loads(again.results.read_text()) == {"a.jpg": "female"}
+
+
+def test_torn_journal_tail_is_dropped(tmp_path):
+    s = store_in(tmp_path)
+    s.recover()
+    s.commit([rec("a.jpg")])
+    s.close()
+    with open(s.journal, "ab") as f:
+        f.write(b'{"key": "b.jpg", "sta')
+    again = store_in(tmp_path)
+    assert [r["key"] for r in again.recover()] == ["a.jpg"]
+    assert s.journal.read_bytes().endswith(b"}\n")
+
+
+def test_rotation_numbers_both_files(tmp_path):
+    s = store_in(tmp_path, max_bytes=30)
+    s.recover()
+    s.commit([rec("a.jpg"), rec("b.jpg")])
+    assert s.rotate_if_full() == 1
+    assert json.loads(numbered(s.results, 1).read_text()) == {"a.jpg": "female", "b.jpg": "female"}
+    assert len(numbered(s.journal, 1).read_text().splitlines()) == 2
+    assert json.loads(s.results.read_text()) == {} and s.journal.read_text() == ""
+    s.commit([rec("c.jpg"), rec("d.jpg")])
+    assert s.rotate_if_full() == 2
+    s.commit([rec("e.jpg")])
+    assert s.rotate_if_full() is None
+    s.close()
+
+
+def test_rotation_interrupted_between_renames_is_finished(tmp_path):
+    s = store_in(tmp_path, max_bytes=10)
+    s.recover()
+    s.commit([rec("a.jpg")])
+    s.close()
+    s.results.rename(numbered(s.results, 1))  # crash right after the first rename
+    again = store_in(tmp_path, max_bytes=10)
+    assert again.recover() == []
+    assert numbered(s.journal, 1).exists() and json.loads(again.results.read_text()) == {}

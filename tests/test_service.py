@@ -1,0 +1,172 @@
+"""The whole service as a real subprocess on temporary folders."""
+
+import hashlib
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import image_bytes, make_tiny_checkpoint
+from tests.service_harness import ServiceProcess, drop
+
+IMG = image_bytes()
+
+
+@pytest.fixture
+def service(tmp_path, tiny_checkpoint):
+    ckpt_path = tmp_path / "model.pt"
+    ckpt_path.write_bytes(tiny_checkpoint.read_bytes())
+    svc = ServiceProcess(
+        tmp_path, ckpt_path, env={"WATCHDOG_USEC": "400000"}, reload={"poll_seconds": 0.2}, intake={"settle_seconds": 0.5}
+    )
+    yield svc
+    svc.close()
+
+
+def assert_exactly_once(svc, names):
+    records = svc.journal_records()
+    keys = [r["source"].rsplit("/", 1)[1] for r in records]
+    assert sorted(keys) == sorted(names), "each input has exactly one journal record"
+    assert sorted(os.listdir(svc.done)) == sorted(names)
+    assert [n for n in os.listdir(svc.inbox) if not n.startswith(".")] == []
+    results = json.loads(svc.results.read_text())
+    assert sorted(results) == sorted(names) and set(results.values()) <= {"female", "male"}
+
+
+def test_before_during_and_after_start(service):
+    before = [drop(service.inbox, f"before{i}.jpg", IMG).name for i in range(5)]
+    service.start(wait_ready=False)
+    during = [drop(service.inbox, f"during{i}.jpg", IMG).name for i in range(5)]
+    service.wait_for(lambda: service.events("start"), 60, "start")
+    after = [drop(service.inbox, f"after{i}.jpg", IMG).name for i in range(5)]
+    service.wait_handled(15)
+    assert service.stop() == 0
+    assert_exactly_once(service, before + during + after)
+    batch = service.events("batch")[0]
+    assert batch["count"] >= 1 and batch["checkpoint"] and batch["ms"] >= 0
+
+
+def test_burst_of_thousands_each_exactly_once(service):
+    service.start()
+    names = [f"burst{i:05d}.jpg" for i in range(3000)]
+    for name in names:
+        (service.inbox / name).write_bytes(IMG)  # plain writes: close-after-write events
+    service.wait_handled(len(names), timeout=180)
+    assert service.stop() == 0
+    assert_exactly_once(service, names)
+
+
+def test_slowly_written_file_is_taken_only_when_complete(service):
+    service.start()
+    data = image_bytes(size=(300, 300))
+    step = len(data) // 12 + 1
+    with open(service.inbox / "slow.jpg", "wb") as f:  # 12 chunks over ~3 s, pauses under settle_seconds
+        for start in range(0, len(data), step):
+            f.write(data[start : start + step])
+            f.flush()
+            time.sleep(0.25)
+    service.wait_handled(1)
+    (record,) = service.journal_records()
+    assert record["status"] == "done", record
+    assert record["sha256"] == hashlib.sha256(data).hexdigest()
+    assert service.stop() == 0
+
+
+def test_sigterm_mid_burst_loses_nothing(service):
+    service.start()
+    names = [f"f{i:04d}.jpg" for i in range(1500)]
+    writer = threading.Thread(target=lambda: [(service.inbox / n).write_bytes(IMG) for n in names])
+    writer.start()
+    service.wait_handled(100)
+    t0 = time.monotonic()
+    assert service.stop() == 0
+    assert time.monotonic() - t0 < 10
+    writer.join()
+    records = service.journal_records()
+    handled = {r["source"].rsplit("/", 1)[1] for r in records}
+    assert len(handled) == len(records)  # nothing twice
+    in_inbox = {n for n in os.listdir(service.inbox) if not n.startswith(".")}
+    assert handled.isdisjoint(in_inbox) and handled | in_inbox == set(names)  # nothing lost
+    assert service.messages[-1].startswith("STOPPING=1")
+    service.start()
+    service.wait_handled(len(names), timeout=120)
+    assert service.stop() == 0
+    assert_exactly_once(service, names)
+
+
+def test_damaged_checkpoint_leaves_the_old_model_serving(service, tmp_path):
+    service.start()
+    ckpt_path = tmp_path / "model.pt"
+    first = service.events("start")[0]["checkpoint"]
+    ckpt_path.write_bytes(ckpt_path.read_bytes()[:1000])  # damaged in place
+    service.wait_for(lambda: service.events("reload_refused"), 30, "reload_refused")
+    assert "model.pt" in service.events("reload_refused")[0]["reason"]
+    drop(service.inbox, "a.jpg", IMG)
+    service.wait_handled(1)
+    assert service.journal_records()[0]["checkpoint"] == first
+    new_version = make_tiny_checkpoint(tmp_path / "staged.pt", seed=7)
+    os.rename(tmp_path / "staged.pt", ckpt_path)  # how train writes: complete file renamed into place
+    service.wait_for(lambda: service.events("reload"), 30, "reload")
+    assert service.events("reload")[0] == service.events("reload")[0] | {"old": first, "new": new_version}
+    drop(service.inbox, "b.jpg", IMG)
+    service.wait_handled(2)
+    assert service.journal_records()[1]["checkpoint"] == new_version
+    service.proc.send_signal(signal.SIGHUP)
+    service.wait_for(lambda: any(e.get("reason") == "SIGHUP" for e in service.events("reload_start")), 30, "SIGHUP reload")
+    assert service.stop() == 0
+
+
+def test_notify_messages_in_order(service):
+    service.start()
+    time.sleep(0.6)
+    assert service.stop() == 0
+    kinds = [m.split("\n")[0].split("=")[0] for m in service.messages]
+    assert kinds[0] == "READY" and kinds[-1] == "STOPPING"
+    assert "WATCHDOG" in kinds[1:-1]
+    ready = service.events("start")
+    assert ready, "READY=1 only after the model was loaded and start was logged"
+
+
+def test_second_instance_is_refused(service, tmp_path):
+    service.start()
+    from tests.conftest import run_cli
+
+    proc = run_cli("--config", str(service.config))
+    assert proc.returncode == 2 and "another gender-watcher" in proc.stderr
+    proc = run_cli("--config", str(service.config), "--once", str(service.inbox), "--move")
+    assert proc.returncode == 2 and "another gender-watcher" in proc.stderr
+    assert service.stop() == 0
+
+
+def test_specials_are_quarantined_and_nothing_outside_is_touched(service):
+    service.start()
+    passwd = Path("/etc/passwd").read_bytes()
+    os.symlink("/etc/passwd", service.inbox / "passwd.jpg")
+    os.mkfifo(service.inbox / "fifo.jpg")
+    (service.inbox / "folder.jpg").mkdir()
+    drop(service.inbox, "bad.jpg", b"not an image")
+    drop(service.inbox, "good.jpg", IMG)
+    service.wait_handled(4)
+    assert service.proc.poll() is None
+    by_name = {r["source"].rsplit("/", 1)[1]: r for r in service.journal_records()}
+    assert {n for n, r in by_name.items() if r["status"] == "failed"} == {"passwd.jpg", "fifo.jpg", "bad.jpg"}
+    assert "symbolic link" in by_name["passwd.jpg"]["reason"] and "FIFO" in by_name["fifo.jpg"]["reason"]
+    assert sorted(os.listdir(service.failed)) == ["bad.jpg", "fifo.jpg", "passwd.jpg"]
+    assert (service.inbox / "folder.jpg").is_dir()
+    assert Path("/etc/passwd").read_bytes() == passwd
+    assert service.stop() == 0
+
+
+def test_same_name_twice_keeps_both(service):
+    service.start()
+    drop(service.inbox, "same.jpg", image_bytes(colour=(10, 10, 10)))
+    service.wait_handled(1)
+    drop(service.inbox, "same.jpg", image_bytes(colour=(250, 250, 250)))
+    service.wait_handled(2)
+    assert sorted(os.listdir(service.done)) == ["same.jpg", "same__2.jpg"]
+    assert sorted(json.loads(service.results.read_text())) == ["same.jpg", "same__2.jpg"]
+    assert service.stop() == 0

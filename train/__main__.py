@@ -1,0 +1,179 @@
+"""python -m train --data DIR --out FILE: train the network and write a checkpoint and its report.
+
+DIR holds one folder per class (female/, male/). Each image is decoded once with the serving
+preprocessing into memory; every epoch augments the cached images afresh. The epoch with the
+lowest validation loss is kept, evaluated on the held-out test split (overall and per file-name
+source) and on any --dev folders, and saved atomically with a report beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from model import checkpoint as ckpt
+from model.network import GenderNet
+from model.preprocess import InputSpec, normalize
+from model.progress import Progress
+from train.augment import augment
+from train.data import Dataset, find_labeled_images, load_dataset, source_of, split
+from train.metrics import format_summary, summarize
+from train.report import write_report
+
+CLASS_NAMES = ["female", "male"]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m train", description=__doc__.splitlines()[0])
+    p.add_argument("--data", required=True, type=Path, help="folder with female/ and male/")
+    p.add_argument("--out", required=True, type=Path, help="checkpoint file to write")
+    p.add_argument(
+        "--dev", type=Path, action="append", default=[], help="labeled folder to evaluate on after training (repeatable)"
+    )
+    p.add_argument("--epochs", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate of the one-cycle schedule")
+    p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument("--size", type=int, nargs=2, default=(64, 64), metavar=("H", "W"), help="model input size")
+    p.add_argument("--widths", type=int, nargs="+", default=[32, 64, 128, 256])
+    p.add_argument("--stem-width", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--val-fraction", type=float, default=0.05)
+    p.add_argument("--test-fraction", type=float, default=0.10)
+    p.add_argument("--limit", type=int, default=0, help="use at most this many images per class (0: all); for smoke runs")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    return p.parse_args(argv)
+
+
+@torch.inference_mode()
+def evaluate(model: torch.nn.Module, data: Dataset, spec: InputSpec, batch_size: int = 512) -> tuple[float, list[int]]:
+    """Mean cross-entropy and predicted classes, with exactly the serving preprocessing."""
+    model.eval()
+    total, predicted = 0.0, []
+    for start in range(0, len(data.labels), batch_size):
+        logits = model(normalize(data.images[start : start + batch_size], spec))
+        labels = data.labels[start : start + batch_size]
+        total += float(F.cross_entropy(logits, labels, reduction="sum"))
+        predicted += logits.argmax(1).tolist()
+    return total / max(len(data.labels), 1), predicted
+
+
+def train_epoch(
+    model, data: Dataset, spec, optimizer, scheduler, batch_size: int, gen: torch.Generator, label: str
+) -> tuple[float, float]:
+    model.train()
+    order = torch.randperm(len(data.labels), generator=gen)
+    progress = Progress(len(order), label, min_total=1)
+    loss_sum, correct, seen = 0.0, 0, 0
+    for start in range(0, len(order) - batch_size + 1, batch_size):  # drop the ragged last batch (BatchNorm)
+        idx = order[start : start + batch_size]
+        x, y = normalize(augment(data.images[idx], gen), spec), data.labels[idx]
+        logits = model(x)
+        loss = F.cross_entropy(logits, y, label_smoothing=0.05)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        loss_sum += loss.item() * len(y)
+        correct += int((logits.argmax(1) == y).sum())
+        seen += len(y)
+        progress.advance(len(y), f"loss {loss_sum / seen:.4f}")
+    return loss_sum / max(seen, 1), correct / max(seen, 1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    started = time.monotonic()
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(args.threads)
+    height, width = args.size
+    spec = InputSpec(height, width, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+
+    items = find_labeled_images(args.data, CLASS_NAMES)
+    if args.limit:
+        items = [it for c in range(len(CLASS_NAMES)) for it in [i for i in items if i[1] == c][: args.limit]]
+    data, skipped = load_dataset(items, height, width)
+    for path, reason in skipped:
+        print(f"skipped {path}: {reason}", file=sys.stderr)
+    print(f"decoded {len(data.labels)} images, skipped {len(skipped)} unreadable, in {time.monotonic() - started:.0f}s")
+    train_set, val_set, test_set = split(data, args.seed, args.val_fraction, args.test_fraction)
+    print(
+        f"split (seed {args.seed}): train {len(train_set.labels)}, validation {len(val_set.labels)}, test {len(test_set.labels)}"
+    )
+    if len(train_set.labels) < args.batch_size or not len(val_set.labels) or not len(test_set.labels):
+        raise SystemExit(f"too few images to train ({len(data.labels)}); need at least {2 * args.batch_size}")
+
+    arch_args = {"stem_width": args.stem_width, "widths": list(args.widths)}
+    model = GenderNet(**arch_args, num_classes=len(CLASS_NAMES)).to(memory_format=torch.channels_last)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    steps = args.epochs * (len(train_set.labels) // args.batch_size)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, total_steps=steps, pct_start=0.15)
+    gen = torch.Generator().manual_seed(args.seed)
+
+    history, best = [], None
+    for epoch in range(1, args.epochs + 1):
+        train_loss, train_acc = train_epoch(
+            model, train_set, spec, optimizer, scheduler, args.batch_size, gen, f"epoch {epoch}/{args.epochs}"
+        )
+        val_loss, val_pred = evaluate(model, val_set, spec)
+        val_acc = summarize(val_set.labels.tolist(), val_pred, CLASS_NAMES)["accuracy"]
+        history.append(
+            {"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc, "val_loss": val_loss, "val_acc": val_acc}
+        )
+        if best is None or val_loss < best[1]:
+            best = (epoch, val_loss, copy.deepcopy(model.state_dict()))
+        print(
+            f"epoch {epoch}: train loss {train_loss:.4f} acc {train_acc:.2%} | "
+            f"val loss {val_loss:.4f} acc {val_acc:.2%} | {time.monotonic() - started:.0f}s",
+            flush=True,
+        )
+
+    model.load_state_dict(best[2])
+    test_loss, test_pred = evaluate(model, test_set, spec)
+    truth = test_set.labels.tolist()
+    test = {"loss": test_loss, "all": summarize(truth, test_pred, CLASS_NAMES)}
+    for source in sorted({source_of(p) for p in test_set.paths}):
+        keep = [i for i, p in enumerate(test_set.paths) if source_of(p) == source]
+        test[source] = summarize([truth[i] for i in keep], [test_pred[i] for i in keep], CLASS_NAMES)
+    print(format_summary("test split", test["all"], CLASS_NAMES))
+    dev = {}
+    for folder in args.dev:
+        dev_set, _ = load_dataset(find_labeled_images(folder, CLASS_NAMES), height, width)
+        dev[folder.name] = summarize(dev_set.labels.tolist(), evaluate(model, dev_set, spec)[1], CLASS_NAMES)
+        print(format_summary(f"dev {folder}", dev[folder.name], CLASS_NAMES))
+
+    summary = {
+        "command": "python -m train " + shlex.join(sys.argv[1:] if argv is None else argv),
+        "data": str(args.data),
+        "seed": args.seed,
+        "sizes": {"train": len(train_set.labels), "val": len(val_set.labels), "test": len(test_set.labels)},
+        "skipped": [f"{p}: {r}" for p, r in skipped],
+        "epochs": args.epochs,
+        "best_epoch": best[0],
+        "threads": args.threads,
+        "wall_seconds": round(time.monotonic() - started, 1),
+        "val_loss": best[1],
+        "test": test,
+        "dev": dev,
+        "history": history,
+    }
+    meta = {k: summary[k] for k in ("command", "data", "seed", "sizes", "epochs", "best_epoch", "wall_seconds", "val_loss")}
+    meta["test_accuracy"] = {k: v["accuracy"] for k, v in test.items() if isinstance(v, dict)}
+    meta["dev_accuracy"] = {k: v["accuracy"] for k, v in dev.items()}
+    summary["version"] = ckpt.save(args.out, model, arch_args, spec, CLASS_NAMES, meta)
+    report = args.out.with_name(args.out.stem + "-report")
+    write_report(report, summary, history, CLASS_NAMES)
+    print(f"wrote {args.out} (version {summary['version']}) and {report}/ in {summary['wall_seconds'] / 60:.1f} min")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,93 @@
+"""Labeled image folders: find the files, split them, decode each once into an in-memory cache."""
+
+from __future__ import annotations
+
+import os
+import random
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from model.inference import load_file
+from model.preprocess import ImageError
+from model.progress import Progress
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+@dataclass
+class Dataset:
+    """Decoded images (uint8, N x 3 x H x W), their class indices and file paths."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    paths: list[Path]
+
+    def subset(self, index: list[int]) -> Dataset:
+        idx = torch.tensor(index, dtype=torch.long)
+        return Dataset(self.images[idx], self.labels[idx], [self.paths[i] for i in index])
+
+
+def source_of(path: Path) -> str:
+    """The file-name prefix before the first '_' (aaf_..., scut_...), or 'unprefixed'."""
+    return path.name.split("_", 1)[0] if "_" in path.name else "unprefixed"
+
+
+def find_labeled_images(root: str | Path, class_names: list[str]) -> list[tuple[Path, int]]:
+    """root/<class>/* for each class; a missing or empty class folder is an error."""
+    root = Path(root)
+    if not root.is_dir():
+        raise SystemExit(f"data folder {root} does not exist")
+    found = []
+    for label, name in enumerate(class_names):
+        folder = root / name
+        if not folder.is_dir():
+            raise SystemExit(f"class folder {folder} is missing (expected {', '.join(class_names)} under {root})")
+        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        if not files:
+            raise SystemExit(f"class folder {folder} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        found += [(p, label) for p in files]
+    return found
+
+
+def load_dataset(
+    items: list[tuple[Path, int]], height: int, width: int, workers: int | None = None
+) -> tuple[Dataset, list[tuple[Path, str]]]:
+    """Decode every file once with the serving preprocessing; return the dataset and the skipped files."""
+    progress = Progress(len(items), "decoding", min_total=1)
+
+    def one(item: tuple[Path, int]) -> torch.Tensor | ImageError:
+        try:
+            return load_file(item[0], height, width)
+        except ImageError as exc:
+            return exc
+        finally:
+            progress.advance()
+
+    with ThreadPoolExecutor(workers or os.cpu_count() or 1) as pool:
+        decoded = list(pool.map(one, items))
+    keep = [i for i, d in enumerate(decoded) if isinstance(d, torch.Tensor)]
+    skipped = [(items[i][0], str(d)) for i, d in enumerate(decoded) if not isinstance(d, torch.Tensor)]
+    images = torch.stack([decoded[i] for i in keep]) if keep else torch.empty(0, 3, height, width, dtype=torch.uint8)
+    labels = torch.tensor([items[i][1] for i in keep], dtype=torch.long)
+    return Dataset(images, labels, [items[i][0] for i in keep]), skipped
+
+
+def split(dataset: Dataset, seed: int, val_fraction: float, test_fraction: float) -> tuple[Dataset, Dataset, Dataset]:
+    """Seeded split, stratified by (source, class) so each part has the same mix."""
+    groups: dict[tuple[str, int], list[int]] = defaultdict(list)
+    for i, (path, label) in enumerate(zip(dataset.paths, dataset.labels.tolist(), strict=True)):
+        groups[(source_of(path), label)].append(i)
+    rng = random.Random(seed)
+    parts: tuple[list[int], list[int], list[int]] = ([], [], [])
+    for key in sorted(groups):
+        index = groups[key]
+        rng.shuffle(index)
+        n_test, n_val = round(len(index) * test_fraction), round(len(index) * val_fraction)
+        parts[2].extend(index[:n_test])
+        parts[1].extend(index[n_test : n_test + n_val])
+        parts[0].extend(index[n_test + n_val :])
+    return tuple(dataset.subset(sorted(p)) for p in parts)  # type: ignore[return-value]

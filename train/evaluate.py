@@ -1,0 +1,64 @@
+"""python -m train.evaluate DIR [DIR ...] [--checkpoint FILE]: accuracy of a checkpoint on labeled folders.
+
+Each DIR holds female/ and male/. Files go through exactly the serving path (model.inference),
+so the numbers are what the service would answer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import model
+from model import checkpoint as ckpt
+from model.inference import classify_batch
+from model.progress import Progress
+from train.data import find_labeled_images
+from train.metrics import format_summary, summarize
+
+
+def evaluate_folder(folder: Path, checkpoint: ckpt.Checkpoint, pool: ThreadPoolExecutor, batch_size: int = 256) -> dict:
+    items = find_labeled_images(folder, checkpoint.class_names)
+    truth, predicted, failed = [], [], []
+    progress = Progress(len(items), f"evaluating {folder.name}")
+    for start in range(0, len(items), batch_size):
+        chunk = items[start : start + batch_size]
+        for (path, label), outcome in zip(chunk, classify_batch([p for p, _ in chunk], checkpoint, pool), strict=True):
+            if outcome.prediction is None:
+                failed.append(f"{path}: {outcome.error}")
+                continue
+            truth.append(label)
+            predicted.append(checkpoint.class_names.index(outcome.prediction.label))
+        progress.advance(len(chunk))
+    return summarize(truth, predicted, checkpoint.class_names) | {"unreadable": failed}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m train.evaluate", description=__doc__.splitlines()[0])
+    p.add_argument("folders", nargs="+", type=Path)
+    p.add_argument("--checkpoint", type=Path, default=model.DEFAULT_CHECKPOINT)
+    p.add_argument("--json", type=Path, help="also write the results as JSON here")
+    args = p.parse_args(argv)
+    try:
+        checkpoint = ckpt.load(args.checkpoint)
+    except ckpt.CheckpointError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"checkpoint {args.checkpoint} (version {checkpoint.version})")
+    results = {}
+    with ThreadPoolExecutor() as pool:
+        for folder in args.folders:
+            results[str(folder)] = evaluate_folder(folder, checkpoint, pool)
+            print(format_summary(str(folder), results[str(folder)], checkpoint.class_names))
+            for line in results[str(folder)]["unreadable"]:
+                print(f"  unreadable: {line}")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,73 @@
+"""gender-watcher command line.
+
+    python -m watcher [--config FILE]                       run the inbox service
+    python -m watcher --once DIR [--output FILE] [--config FILE]   classify a folder once
+    python -m watcher --once INBOX --move [--config FILE]     one pass of the service over its inbox
+
+Exit status: 0 success; 1 some files could not be classified (--once); 2 usage or config error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from model.checkpoint import CheckpointError
+from watcher import config as configuration
+from watcher import log
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m watcher", description="Tell female from male faces in image files.")
+    p.add_argument("--config", type=Path, help="YAML config (default: built-in defaults, paths relative to the current folder)")
+    p.add_argument("--once", type=Path, metavar="DIR", help="classify every image file in DIR once and exit")
+    p.add_argument(
+        "--move",
+        action="store_true",
+        help="with --once: move files to done/ and failed/ and keep rolling results, as the service does",
+    )
+    p.add_argument(
+        "--output", type=Path, default=Path("process_results.json"), help="results file for --once (default: %(default)s)"
+    )
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        config = configuration.load(args.config)
+    except configuration.ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
+    log.setup(config.logging["level"], config.logging["format"])
+    logger = log.get()
+    # Imported here: they import torch, which keeps --help and config errors slow otherwise.
+    from watcher import once, service
+
+    try:
+        if args.once is None:
+            if args.move:
+                print("error: --move goes with --once", file=sys.stderr)
+                return 2
+            return service.Service(config).run()
+        if args.move:
+            if args.once.resolve() != config.inbox:
+                print(f"error: --once --move works on the configured inbox ({config.inbox}), not {args.once}", file=sys.stderr)
+                return 2
+            return once.drain_inbox(config)
+        if not args.once.is_dir():
+            print(f"error: {args.once} is not a folder", file=sys.stderr)
+            return 2
+        return once.classify_folder(args.once, args.output, config)
+    except (configuration.ConfigError, CheckpointError, service.ServiceError) as exc:
+        logger.error("cannot_start", reason=str(exc))
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        logger.exception("fatal", reason=f"{type(exc).__name__}: {exc}")
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

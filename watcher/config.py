@@ -1,0 +1,123 @@
+"""The service configuration: defaults, YAML loading and validation that names the bad key.
+
+Every key and its meaning is documented in config.yaml at the project root, which holds the
+same values as DEFAULTS below (a test keeps them equal).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+import model
+
+PATH_KEYS = ("inbox", "done", "failed", "results", "journal", "checkpoint")
+DEFAULTS: dict[str, Any] = {
+    "inbox": "inbox",
+    "done": "done",
+    "failed": "failed",
+    "results": "results/process_results.json",
+    "journal": "results/journal.jsonl",
+    "checkpoint": str(model.DEFAULT_CHECKPOINT),
+    "batch": {"max_size": 64, "max_wait_ms": 20, "decode_threads": 2, "torch_threads": 2},
+    "intake": {"settle_seconds": 1.0, "rescan_seconds": 30.0, "max_file_bytes": 50 * 1024 * 1024},
+    "rotation": {"max_bytes": 1024 * 1024},
+    "reload": {"poll_seconds": 2.0},
+    "logging": {"level": "info", "format": "auto"},
+}
+CHOICES = {"logging.level": ("debug", "info", "warning", "error"), "logging.format": ("auto", "json", "console")}
+POSITIVE = ("batch.max_size", "batch.decode_threads", "batch.torch_threads", "intake.max_file_bytes", "rotation.max_bytes")
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the file and the key."""
+
+
+@dataclass(frozen=True)
+class Config:
+    inbox: Path
+    done: Path
+    failed: Path
+    results: Path
+    journal: Path
+    checkpoint: Path
+    batch: dict[str, Any]
+    intake: dict[str, Any]
+    rotation: dict[str, Any]
+    reload: dict[str, Any]
+    logging: dict[str, Any]
+    source: str  # where it came from, for messages
+
+
+def _merge(defaults: dict, given: dict, prefix: str, source: str) -> dict:
+    out = {}
+    for key in given:
+        if key not in defaults:
+            raise ConfigError(f"{source}: unknown key '{prefix}{key}' (known: {', '.join(defaults)})")
+    for key, default in defaults.items():
+        value = given.get(key, default)
+        name = f"{prefix}{key}"
+        if isinstance(default, dict):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{source}: '{name}' must be a mapping, found {type(value).__name__}")
+            out[key] = _merge(default, value, name + ".", source)
+            continue
+        expected = (int, float) if isinstance(default, float) else type(default)
+        if (isinstance(value, bool) and expected is not bool) or not isinstance(value, expected):
+            raise ConfigError(f"{source}: '{name}' must be {type(default).__name__}, found {value!r}")
+        if name in CHOICES and value not in CHOICES[name]:
+            raise ConfigError(f"{source}: '{name}' must be one of {', '.join(CHOICES[name])}, found {value!r}")
+        if (name in POSITIVE and value <= 0) or (isinstance(value, (int, float)) and value < 0):
+            raise ConfigError(f"{source}: '{name}' must be positive, found {value!r}")
+        out[key] = value
+    return out
+
+
+def load(path: str | Path | None = None) -> Config:
+    """Read a config file (or the defaults, relative to the current folder, when path is None)."""
+    if path is None:
+        given, base, source = {}, Path.cwd(), "built-in defaults"
+    else:
+        path = Path(path)
+        source = str(path)
+        try:
+            given = yaml.safe_load(path.read_text()) or {}
+        except OSError as exc:
+            raise ConfigError(f"{source}: cannot read config: {exc.strerror}") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{source}: not valid YAML: {exc}") from None
+        if not isinstance(given, dict):
+            raise ConfigError(f"{source}: must be a mapping of keys to values")
+        base = path.resolve().parent
+    values = _merge(DEFAULTS, given, "", source)
+    for key in PATH_KEYS:
+        values[key] = (base / os.path.expanduser(values[key])).resolve()
+    return Config(**values, source=source)
+
+
+def check_service_paths(config: Config) -> None:
+    """What the service (and --once --move) needs: folders that exist, are writable, share a filesystem."""
+    for key in ("inbox", "done", "failed"):
+        _check_writable_dir(config, key, getattr(config, key))
+    for key in ("results", "journal"):
+        _check_writable_dir(config, key, getattr(config, key).parent)
+    inbox_dev = config.inbox.stat().st_dev
+    for key in ("done", "failed"):
+        if getattr(config, key).stat().st_dev != inbox_dev:
+            raise ConfigError(
+                f"{config.source}: '{key}' ({getattr(config, key)}) is on another filesystem than 'inbox' ({config.inbox}); "
+                "moves must be atomic renames"
+            )
+    if not config.checkpoint.is_file():
+        raise ConfigError(f"{config.source}: 'checkpoint' ({config.checkpoint}) is not a file")
+
+
+def _check_writable_dir(config: Config, key: str, folder: Path) -> None:
+    if not folder.is_dir():
+        raise ConfigError(f"{config.source}: '{key}' folder {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ConfigError(f"{config.source}: '{key}' folder {folder} is not writable")

@@ -1,0 +1,34 @@
+"""Moving handled files out of the inbox without ever overwriting anything."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Container
+from pathlib import Path
+
+NAME_MAX = 255
+
+
+def unique_name(folder: Path, name: str, taken: Container[str] = ()) -> str:
+    """`name` if free in `folder` (and not in `taken`), else `stem__2.ext`, `stem__3.ext`, ..."""
+    stem, dot, suffix = name.rpartition(".")
+    if not stem:
+        stem, dot, suffix = name, "", ""
+    candidate, n = name, 1
+    while candidate in taken or os.path.lexists(folder / candidate):
+        n += 1
+        tail = f"__{n}{dot}{suffix}"
+        room = NAME_MAX - len(tail.encode())
+        candidate = stem.encode()[:room].decode(errors="ignore") + tail
+    return candidate
+
+
+def move_no_clobber(source: Path, destination: Path) -> None:
+    """Rename source to destination (same filesystem), refusing to replace an existing file.
+
+    The service is the only writer of done/ and failed/ (it holds the inbox lock), so the check
+    before the rename cannot race with another move of ours.
+    """
+    if os.path.lexists(destination):
+        raise FileExistsError(f"{destination} already exists; not overwriting it with {source}")
+    os.rename(source, destination)

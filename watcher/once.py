@@ -1,0 +1,81 @@
+"""The one-shot pass: classify every image file in a folder and write one results file.
+
+Without --move it only reads the folder. With --move it is the service's pipeline run once over
+the inbox (see watcher.service).
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+from model import checkpoint as ckpt
+from model.inference import classify_batch
+from model.progress import Progress
+from watcher import log
+from watcher.config import Config, check_service_paths
+from watcher.files import write_json_atomic
+from watcher.intake import is_waiting_name
+from watcher.pipeline import process_batch
+from watcher.reload import load_checked
+from watcher.service import inbox_lock, open_store
+
+
+def candidate_files(folder: Path) -> list[Path]:
+    """Entries of `folder` that are meant as images: everything but hidden names and sub-folders."""
+    return sorted(p for p in folder.iterdir() if not p.name.startswith(".") and not (p.is_dir() and not p.is_symlink()))
+
+
+def classify_folder(folder: Path, output: Path, config: Config) -> int:
+    """Write {name: label} for every readable image in `folder` to `output`; 1 if any file failed."""
+    logger = log.get()
+    checkpoint = ckpt.load(config.checkpoint)
+    torch.set_num_threads(config.batch["torch_threads"])
+    files = candidate_files(folder)
+    logger.info("once_start", folder=str(folder), files=len(files), checkpoint=checkpoint.version)
+    results: dict[str, str] = {}
+    failures = 0
+    progress = Progress(len(files), "classifying")
+    size = config.batch["max_size"]
+    with ThreadPoolExecutor(config.batch["decode_threads"]) as pool:
+        for start in range(0, len(files), size):
+            for outcome in classify_batch(files[start : start + size], checkpoint, pool, config.intake["max_file_bytes"]):
+                if outcome.prediction:
+                    results[outcome.path.name] = outcome.prediction.label
+                else:
+                    failures += 1
+                    logger.warning("failed", file=outcome.path.name, reason=outcome.error)
+            progress.advance(len(files[start : start + size]))
+    write_json_atomic(output, dict(sorted(results.items())))
+    logger.info("once_done", classified=len(results), failed=failures, output=str(output))
+    return 1 if failures else 0
+
+
+def drain_inbox(config: Config) -> int:
+    """--once --move: the service's pipeline over the inbox, once. Files modified within the last
+    `intake.settle_seconds` may still be being written and wait for the next pass."""
+    logger = log.get()
+    check_service_paths(config)
+    torch.set_num_threads(config.batch["torch_threads"])
+    failures = handled = 0
+    with inbox_lock(config.inbox), ThreadPoolExecutor(config.batch["decode_threads"]) as pool:
+        checkpoint = load_checked(config.checkpoint)
+        store = open_store(config)
+        try:
+            now, settle = time.time(), config.intake["settle_seconds"]
+            ready = [
+                p for p in candidate_files(config.inbox) if not is_waiting_name(p.name) and now - p.lstat().st_mtime >= settle
+            ]
+            logger.info("once_start", folder=str(config.inbox), files=len(ready), checkpoint=checkpoint.version)
+            size = config.batch["max_size"]
+            for start in range(0, len(ready), size):
+                records = process_batch(ready[start : start + size], checkpoint, pool, store, config)
+                handled += len(records)
+                failures += sum(r["status"] == "failed" for r in records)
+        finally:
+            store.close()
+    logger.info("once_done", handled=handled, failed=failures, results=str(config.results))
+    return 1 if failures else 0

@@ -1,0 +1,96 @@
+"""One batch through the commit protocol: classify -> journal (durable) -> results -> moves.
+
+Used by the service and by `--once --move`. Any exception from the journal, the results file or
+a move propagates: the caller stops, and the next start's `recover` completes the work.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from concurrent.futures import Executor
+from datetime import UTC, datetime
+from pathlib import Path
+
+from model.checkpoint import Checkpoint
+from model.inference import classify_batch
+from watcher import log
+from watcher.config import Config
+from watcher.files import fsync_dir
+from watcher.moves import move_no_clobber, unique_name
+from watcher.results import ResultStore
+
+
+def process_batch(paths: list[Path], checkpoint: Checkpoint, pool: Executor, store: ResultStore, config: Config) -> list[dict]:
+    """Classify, commit and move one batch; return its journal records."""
+    logger = log.get()
+    started = time.monotonic()
+    outcomes = classify_batch(paths, checkpoint, pool, config.intake["max_file_bytes"])
+    now = datetime.now(UTC).isoformat(timespec="milliseconds")
+    taken = {config.done: set(store.current), config.failed: set()}
+    records = []
+    for outcome in outcomes:
+        if not os.path.lexists(outcome.path):
+            logger.warning("vanished", file=outcome.path.name)  # removed from the inbox by someone else
+            continue
+        folder = config.done if outcome.prediction else config.failed
+        name = unique_name(folder, outcome.path.name, taken[folder])
+        taken[folder].add(name)
+        record = {
+            "key": name,
+            "status": "done" if outcome.prediction else "failed",
+            "time": now,
+            "source": str(outcome.path),
+            "dest": str(folder / name),
+            "sha256": outcome.sha256,
+            "checkpoint": checkpoint.version,
+        }
+        if outcome.prediction:
+            record |= {"label": outcome.prediction.label, "probability": outcome.prediction.probability}
+        else:
+            record["reason"] = outcome.error
+            logger.warning("failed", file=outcome.path.name, reason=outcome.error, moved_to=record["dest"])
+        records.append(record)
+    store.commit(records)
+    for record in records:
+        move_no_clobber(Path(record["source"]), Path(record["dest"]))
+    for folder in {config.inbox, config.done, config.failed}:
+        fsync_dir(folder)
+    rotated = store.rotate_if_full()
+    if rotated:
+        logger.info("rotated", number=rotated)
+    if records:
+        logger.info(
+            "batch",
+            count=len(records),
+            failed=sum(r["status"] == "failed" for r in records),
+            ms=round((time.monotonic() - started) * 1000, 1),
+            checkpoint=checkpoint.version,
+        )
+    return records
+
+
+def complete_moves(records: list[dict]) -> int:
+    """After a crash: move files whose result is durable but which are still in the inbox."""
+    moved = 0
+    for record in records:
+        source, dest = Path(record["source"]), Path(record["dest"])
+        if not os.path.lexists(source) or os.path.lexists(dest):
+            continue
+        if record.get("sha256") and _sha256(source) != record["sha256"]:
+            continue  # a different file dropped under the same name: intake will take it
+        move_no_clobber(source, dest)
+        moved += 1
+    if moved:
+        for folder in {Path(r["source"]).parent for r in records} | {Path(r["dest"]).parent for r in records}:
+            fsync_dir(folder)
+    return moved
+
+
+def _sha256(path: Path) -> str | None:
+    try:
+        with open(path, "rb", opener=lambda p, f: os.open(p, f | os.O_NOFOLLOW | os.O_NONBLOCK)) as fh:
+            return hashlib.file_digest(fh, "sha256").hexdigest()
+    except OSError:
+        return None

@@ -1,0 +1,88 @@
+"""Hot reload of the checkpoint: notice a change, load and check it off the main loop, hand it over.
+
+The main loop calls `poll` (cheap: one stat) and `collect`; loading and the canary forward pass
+run in a background thread, so batches keep flowing meanwhile. The loop swaps the model in
+between batches. A file that fails any check is refused and the old model keeps serving.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from model import checkpoint as ckpt
+
+
+def canary(checkpoint: ckpt.Checkpoint, serving: ckpt.Checkpoint | None) -> None:
+    """Raise CheckpointError unless the model answers a fixed input sensibly and fits the service."""
+    if serving is not None and checkpoint.class_names != serving.class_names:
+        raise ckpt.CheckpointError(f"class names {checkpoint.class_names} differ from the serving model's {serving.class_names}")
+    spec = checkpoint.spec
+    ramp = torch.linspace(-1.0, 1.0, spec.height * spec.width).view(1, 1, spec.height, spec.width).expand(2, 3, -1, -1)
+    with torch.inference_mode():
+        out = checkpoint.model(ramp.contiguous(memory_format=torch.channels_last))
+    if out.shape != (2, len(checkpoint.class_names)) or not torch.isfinite(out).all():
+        raise ckpt.CheckpointError(
+            f"canary forward pass gave {tuple(out.shape)} {'finite' if torch.isfinite(out).all() else 'non-finite'} output"
+        )
+
+
+def load_checked(path: Path, serving: ckpt.Checkpoint | None = None) -> ckpt.Checkpoint:
+    checkpoint = ckpt.load(path)
+    try:
+        canary(checkpoint, serving)
+    except ckpt.CheckpointError as exc:
+        raise ckpt.CheckpointError(f"checkpoint {path}: {exc}") from None
+    return checkpoint
+
+
+def _signature(path: Path) -> tuple[int, int, int] | None:
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return (info.st_ino, info.st_size, info.st_mtime_ns)
+
+
+class Reloader:
+    def __init__(self, path: Path, serving: ckpt.Checkpoint, wake: Callable[[], None] = lambda: None) -> None:
+        self.path, self.wake = path, wake
+        self.serving = serving
+        self._loaded_signature = _signature(path)
+        self._last_seen = self._loaded_signature
+        self._thread: threading.Thread | None = None
+        self._result: ckpt.Checkpoint | Exception | None = None
+
+    def poll(self, force: bool = False) -> bool:
+        """Start a background load if the file changed and held still since the last poll (or if forced)."""
+        seen = _signature(self.path)
+        stable, self._last_seen = seen == self._last_seen, seen
+        if self._thread is not None or seen is None:
+            return False
+        if not force and (not stable or seen == self._loaded_signature):
+            return False
+        self._loaded_signature = seen  # refused files are not retried until they change again
+        self._thread = threading.Thread(target=self._load, name="checkpoint-reload", daemon=True)
+        self._thread.start()
+        return True
+
+    def _load(self) -> None:
+        try:
+            self._result = load_checked(self.path, self.serving)
+        except Exception as exc:  # anything wrong with the file is a refusal, never a crash
+            self._result = exc
+        self.wake()
+
+    def collect(self) -> ckpt.Checkpoint | Exception | None:
+        """The finished load: a new checkpoint to swap in, the error that refused it, or None."""
+        if self._thread is None or self._thread.is_alive():
+            return None
+        self._thread = None
+        result, self._result = self._result, None
+        if isinstance(result, ckpt.Checkpoint):
+            self.serving = result
+        return result

@@ -1,0 +1,86 @@
+"""The rolling results file and the append-only journal behind it.
+
+The journal (JSON lines, one record per handled file) is the source of truth; the results file
+{"name.jpg": "female", ...} is derived from it and rewritten atomically after each batch. When
+the results file reaches its size limit, both are renamed to numbered files (process_results.1.json
+and journal.1.jsonl, then .2, ...) and fresh ones begin. Commit order: see RELIABILITY.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+from watcher.files import fsync_dir, write_json_atomic
+
+
+def numbered(path: Path, n: int) -> Path:
+    """process_results.json -> process_results.<n>.json"""
+    return path.with_name(f"{path.stem}.{n}{path.suffix}")
+
+
+def rotated_numbers(path: Path) -> list[int]:
+    pattern = re.compile(re.escape(path.stem) + r"\.(\d+)" + re.escape(path.suffix) + "$")
+    return sorted(int(m.group(1)) for p in path.parent.iterdir() if (m := pattern.match(p.name)))
+
+
+class ResultStore:
+    def __init__(self, results: Path, journal: Path, max_bytes: int) -> None:
+        self.results, self.journal, self.max_bytes = results, journal, max_bytes
+        self.current: dict[str, str] = {}
+        self._journal_file = None
+
+    def recover(self) -> list[dict]:
+        """Finish an interrupted rotation, drop a torn journal tail, rebuild the results file from
+        the journal. Returns the current journal's records (for completing unfinished moves)."""
+        done = rotated_numbers(self.results)
+        if done and not numbered(self.journal, done[-1]).exists() and self.journal.exists():
+            os.rename(self.journal, numbered(self.journal, done[-1]))  # crash between the two renames
+            fsync_dir(self.journal.parent)
+        records = self._read_journal()
+        self.current = {r["key"]: r["label"] for r in records if r.get("label")}
+        write_json_atomic(self.results, self.current)
+        self._journal_file = open(self.journal, "ab")  # noqa: SIM115 (kept open for appends)
+        fsync_dir(self.journal.parent)
+        return records
+
+    def _read_journal(self) -> list[dict]:
+        if not self.journal.exists():
+            return []
+        data = self.journal.read_bytes()
+        good = data[: data.rfind(b"\n") + 1]  # a line without its newline was never committed
+        if len(good) != len(data):
+            os.truncate(self.journal, len(good))
+        return [json.loads(line) for line in good.splitlines() if line.strip()]
+
+    def commit(self, records: list[dict]) -> None:
+        """Append records and fsync: from here on they are durable. Then rewrite the results file."""
+        if not records:
+            return
+        self._journal_file.write(b"".join(json.dumps(r, ensure_ascii=False).encode() + b"\n" for r in records))
+        self._journal_file.flush()
+        os.fsync(self._journal_file.fileno())
+        self.current.update({r["key"]: r["label"] for r in records if r.get("label")})
+        write_json_atomic(self.results, self.current)
+
+    def rotate_if_full(self) -> int | None:
+        """Roll both files over once the results file reaches max_bytes; returns the new number."""
+        if self.results.stat().st_size < self.max_bytes:
+            return None
+        n = max(rotated_numbers(self.results) + rotated_numbers(self.journal) + [0]) + 1
+        os.rename(self.results, numbered(self.results, n))
+        fsync_dir(self.results.parent)
+        self._journal_file.close()
+        os.rename(self.journal, numbered(self.journal, n))
+        fsync_dir(self.journal.parent)
+        self.current = {}
+        write_json_atomic(self.results, {})
+        self._journal_file = open(self.journal, "ab")  # noqa: SIM115
+        return n
+
+    def close(self) -> None:
+        if self._journal_file:
+            self._journal_file.close()
+            self._journal_file = None

@@ -1,0 +1,181 @@
+"""The inbox service: one main loop that decides everything.
+
+    inbox -> intake (ready files) -> batch -> model -> results (journal, results file) -> move
+
+Signal handlers, the watchdog observer and the reload thread only record what happened and wake
+the loop (a threading.Event); the loop then takes ready files, forms a batch (full, or the
+first file has waited `batch.max_wait_ms`), processes it, swaps in a reloaded model between
+batches, pings the systemd watchdog and rescans the inbox on schedule.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import select
+import signal
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager, suppress
+from pathlib import Path
+
+import torch
+
+from model import checkpoint as ckpt
+from watcher import log
+from watcher.config import Config, check_service_paths
+from watcher.intake import Intake
+from watcher.notify import notify, watchdog_interval
+from watcher.pipeline import complete_moves, process_batch
+from watcher.reload import Reloader, load_checked
+from watcher.results import ResultStore
+
+LOCK_NAME = ".gender-watcher.lock"  # hidden, so intake never takes it
+
+
+class Waker:
+    """A self-pipe (as in gunicorn's arbiter): any thread, or a signal via set_wakeup_fd, writes a
+    byte; the main loop sleeps in select() until a byte arrives or its next deadline passes."""
+
+    def __init__(self) -> None:
+        self._read, self._write = socket.socketpair()
+        for sock in (self._read, self._write):
+            sock.setblocking(False)
+
+    def fileno(self) -> int:
+        return self._write.fileno()
+
+    def wake(self) -> None:
+        with suppress(BlockingIOError):  # a full buffer already means "wake up"
+            self._write.send(b"x")
+
+    def wait(self, timeout: float) -> None:
+        if select.select([self._read], [], [], max(0.0, timeout))[0]:
+            with suppress(BlockingIOError):
+                while self._read.recv(4096):
+                    pass
+
+    def close(self) -> None:
+        self._read.close()
+        self._write.close()
+
+
+class ServiceError(RuntimeError):
+    """Start-up cannot go on; the message says why."""
+
+
+@contextmanager
+def inbox_lock(inbox: Path):
+    """Exclusive lock on the inbox, held for the life of the service or a --once --move pass."""
+    fd = os.open(inbox / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ServiceError(f"another gender-watcher is working {inbox} (lock {inbox / LOCK_NAME})") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield
+    finally:
+        os.close(fd)
+
+
+def open_store(config: Config) -> ResultStore:
+    """Recover the results and finish moves that a crash interrupted."""
+    store = ResultStore(config.results, config.journal, config.rotation["max_bytes"])
+    moved = complete_moves(store.recover())
+    if moved:
+        log.get().info("recovered", moved=moved)
+    return store
+
+
+class Service:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.log = log.get()
+        self.waker = Waker()
+        self.stop_signal: int | None = None
+        self.reload_requested = False
+
+    # Signal handlers only record; set_wakeup_fd makes the signal itself wake the loop.
+    def _on_stop(self, signum: int, _frame: object) -> None:
+        self.stop_signal = signum
+
+    def _on_hup(self, _signum: int, _frame: object) -> None:
+        self.reload_requested = True
+
+    def run(self) -> int:
+        config = self.config
+        check_service_paths(config)
+        signal.set_wakeup_fd(self.waker.fileno(), warn_on_full_buffer=False)
+        signal.signal(signal.SIGTERM, self._on_stop)
+        signal.signal(signal.SIGINT, self._on_stop)
+        signal.signal(signal.SIGHUP, self._on_hup)
+        torch.set_num_threads(config.batch["torch_threads"])
+        with inbox_lock(config.inbox), ThreadPoolExecutor(config.batch["decode_threads"]) as pool:
+            model = load_checked(config.checkpoint)
+            store = open_store(config)
+            intake = Intake(config.inbox, config.intake["settle_seconds"], self.waker.wake)
+            intake.start()
+            reloader = Reloader(config.checkpoint, model, self.waker.wake)
+            self.log.info("start", pid=os.getpid(), inbox=str(config.inbox), checkpoint=model.version, config=config.source)
+            notify(f"READY=1\nSTATUS=serving checkpoint {model.version}")
+            try:
+                self._loop(intake, reloader, store, pool, model)
+            finally:
+                notify("STOPPING=1")
+                intake.stop()
+                store.close()
+        self.log.info("stop", signal=signal.Signals(self.stop_signal).name if self.stop_signal else None)
+        return 0
+
+    def _loop(
+        self, intake: Intake, reloader: Reloader, store: ResultStore, pool: ThreadPoolExecutor, model: ckpt.Checkpoint
+    ) -> None:
+        config = self.config
+        max_size, max_wait = config.batch["max_size"], config.batch["max_wait_ms"] / 1000
+        ping_every = watchdog_interval()
+        now = time.monotonic()
+        next_rescan, next_reload_poll = now + config.intake["rescan_seconds"], now + config.reload["poll_seconds"]
+        next_ping = now
+        pending: list[Path] = []
+        first_pending_at = 0.0
+        while self.stop_signal is None:
+            now = time.monotonic()
+            if ping_every is not None and now >= next_ping:
+                notify("WATCHDOG=1")
+                next_ping = now + ping_every
+            if self.reload_requested or now >= next_reload_poll:
+                if reloader.poll(force=self.reload_requested):
+                    self.log.info(
+                        "reload_start", path=str(config.checkpoint), reason="SIGHUP" if self.reload_requested else "changed"
+                    )
+                self.reload_requested = False
+                next_reload_poll = now + config.reload["poll_seconds"]
+            result = reloader.collect()
+            if isinstance(result, ckpt.Checkpoint):
+                self.log.info("reload", old=model.version, new=result.version)
+                model = result
+                notify(f"STATUS=serving checkpoint {model.version}")
+            elif result is not None:
+                self.log.error("reload_refused", path=str(config.checkpoint), reason=str(result), serving=model.version)
+            if now >= next_rescan:
+                intake.rescan()
+                next_rescan = now + config.intake["rescan_seconds"]
+            ready = intake.take()
+            if ready and not pending:
+                first_pending_at = now
+            pending += ready
+            if pending and (len(pending) >= max_size or now - first_pending_at >= max_wait):
+                batch, pending = pending[:max_size], pending[max_size:]
+                first_pending_at = now
+                process_batch(batch, model, pool, store, config)
+                intake.release(batch)
+                continue
+            deadlines = [next_rescan, next_reload_poll] + ([next_ping] if ping_every else [])
+            if pending:
+                deadlines.append(first_pending_at + max_wait)
+            if intake.waiting():
+                deadlines.append(now + min(0.25, config.intake["settle_seconds"] / 2))
+            self.waker.wait(min(deadlines) - time.monotonic())
