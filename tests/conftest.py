@@ -25,9 +25,13 @@ TINY_ARCH = {"stem_width": 4, "widths": [8, 8]}
 TINY_SPEC = InputSpec(32, 32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
 
 
-def make_tiny_checkpoint(path: Path, seed: int = 0) -> str:
+def make_tiny_checkpoint(path: Path, seed: int = 0, head_scale: float = 1.0) -> str:
+    """Random weights; a large head_scale pushes probabilities away from 0.5, so that answers
+    do not flip with the tiny float differences between batch sizes."""
     torch.manual_seed(seed)
     model = GenderNet(**TINY_ARCH).eval()
+    with torch.no_grad():
+        model.head[-1].weight.mul_(head_scale)
     return ckpt.save(path, model, TINY_ARCH, TINY_SPEC, ["female", "male"], {"note": f"random weights, seed {seed}"})
 
 

@@ -32,6 +32,7 @@ class ServiceProcess:
 
     def start(self, wait_ready: bool = True) -> ServiceProcess:
         self.logs.clear()
+        self.messages.clear()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "watcher", "--config", str(self.config)],
             env=self.env,
@@ -100,7 +101,7 @@ class ServiceProcess:
 
 def drop(folder: Path, name: str, data: bytes) -> Path:
     """Write a file the way careful uploaders do: to a temporary name, then rename into place."""
-    tmp = folder / f".{name}.part"
+    tmp = folder / f".drop-{abs(hash(name))}.part"
     tmp.write_bytes(data)
     os.rename(tmp, folder / name)
     return folder / name

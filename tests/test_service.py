@@ -50,16 +50,6 @@ def test_before_during_and_after_start(service):
     assert batch["count"] >= 1 and batch["checkpoint"] and batch["ms"] >= 0
 
 
-def test_burst_of_thousands_each_exactly_once(service):
-    service.start()
-    names = [f"burst{i:05d}.jpg" for i in range(3000)]
-    for name in names:
-        (service.inbox / name).write_bytes(IMG)  # plain writes: close-after-write events
-    service.wait_handled(len(names), timeout=180)
-    assert service.stop() == 0
-    assert_exactly_once(service, names)
-
-
 def test_slowly_written_file_is_taken_only_when_complete(service):
     service.start()
     data = image_bytes(size=(300, 300))

@@ -117,7 +117,7 @@ class Service:
             model = load_checked(config.checkpoint)
             store = open_store(config)
             intake = Intake(config.inbox, config.intake["settle_seconds"], self.waker.wake)
-            intake.start()
+            intake.start(watch=config.intake["watch"])
             reloader = Reloader(config.checkpoint, model, self.waker.wake)
             self.log.info("start", pid=os.getpid(), inbox=str(config.inbox), checkpoint=model.version, config=config.source)
             notify(f"READY=1\nSTATUS=serving checkpoint {model.version}")
