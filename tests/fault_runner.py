@@ -17,7 +17,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from watcher import files, pipeline, results
+from model import files
+from watcher import pipeline, results
 from watcher.__main__ import main
 
 

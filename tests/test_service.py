@@ -160,3 +160,23 @@ def test_same_name_twice_keeps_both(service):
     assert sorted(os.listdir(service.done)) == ["same.jpg", "same__2.jpg"]
     assert sorted(json.loads(service.results.read_text())) == ["same.jpg", "same__2.jpg"]
     assert service.stop() == 0
+
+
+def test_slowly_written_checkpoint_is_swapped_only_when_complete(service, tmp_path):
+    service.start()
+    first = service.events("start")[0]["checkpoint"]
+    new_version = make_tiny_checkpoint(tmp_path / "staged.pt", seed=11)
+    data = (tmp_path / "staged.pt").read_bytes()
+    step = len(data) // 6 + 1
+    with open(tmp_path / "model.pt", "wb") as f:  # overwritten in place, slowly
+        for i, start in enumerate(range(0, len(data), step)):
+            f.write(data[start : start + step])
+            f.flush()
+            drop(service.inbox, f"during{i}.jpg", IMG)  # answers keep coming meanwhile
+            time.sleep(0.3)
+    service.wait_for(lambda: service.events("reload"), 30, "reload")
+    assert [(e["old"], e["new"]) for e in service.events("reload")] == [(first, new_version)]
+    service.wait_handled(6)
+    assert {r["checkpoint"] for r in service.journal_records()} <= {first, new_version}
+    assert all(r["status"] == "done" for r in service.journal_records())
+    assert service.stop() == 0

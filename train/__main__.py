@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from model import checkpoint as ckpt
+from model.inference import PRECISIONS, autocast, uses_bfloat16
 from model.network import GenderNet
 from model.preprocess import InputSpec, normalize
 from model.progress import Progress
@@ -38,28 +39,38 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--dev", type=Path, action="append", default=[], help="labeled folder to evaluate on after training (repeatable)"
     )
-    p.add_argument("--epochs", type=int, default=16)
+    p.add_argument("--epochs", type=int, default=26)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate of the one-cycle schedule")
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--size", type=int, nargs=2, default=(64, 64), metavar=("H", "W"), help="model input size")
     p.add_argument("--widths", type=int, nargs="+", default=[32, 64, 128, 256])
     p.add_argument("--stem-width", type=int, default=32)
+    p.add_argument("--augment", type=float, default=1.0, help="augmentation strength: 0 only mirror flips, 1 default")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--val-fraction", type=float, default=0.05)
     p.add_argument("--test-fraction", type=float, default=0.10)
     p.add_argument("--limit", type=int, default=0, help="use at most this many images per class (0: all); for smoke runs")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--precision", choices=PRECISIONS, default="auto", help="forward-pass precision (auto: bfloat16 where fast)")
+    p.add_argument("--device", default="cpu", help="torch device for training, e.g. cuda (the checkpoint is saved for the CPU)")
     return p.parse_args(argv)
 
 
+def _device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
 @torch.inference_mode()
-def evaluate(model: torch.nn.Module, data: Dataset, spec: InputSpec, batch_size: int = 512) -> tuple[float, list[int]]:
+def evaluate(
+    model: torch.nn.Module, data: Dataset, spec: InputSpec, precision: str, batch_size: int = 512
+) -> tuple[float, list[int]]:
     """Mean cross-entropy and predicted classes, with exactly the serving preprocessing."""
     model.eval()
     total, predicted = 0.0, []
     for start in range(0, len(data.labels), batch_size):
-        logits = model(normalize(data.images[start : start + batch_size], spec))
+        with autocast(precision, _device(model).type):
+            logits = model(normalize(data.images[start : start + batch_size], spec).to(_device(model))).float().cpu()
         labels = data.labels[start : start + batch_size]
         total += float(F.cross_entropy(logits, labels, reduction="sum"))
         predicted += logits.argmax(1).tolist()
@@ -67,7 +78,16 @@ def evaluate(model: torch.nn.Module, data: Dataset, spec: InputSpec, batch_size:
 
 
 def train_epoch(
-    model, data: Dataset, spec, optimizer, scheduler, batch_size: int, gen: torch.Generator, label: str
+    model,
+    data: Dataset,
+    spec,
+    optimizer,
+    scheduler,
+    batch_size: int,
+    gen: torch.Generator,
+    strength: float,
+    precision: str,
+    label: str,
 ) -> tuple[float, float]:
     model.train()
     order = torch.randperm(len(data.labels), generator=gen)
@@ -75,8 +95,9 @@ def train_epoch(
     loss_sum, correct, seen = 0.0, 0, 0
     for start in range(0, len(order) - batch_size + 1, batch_size):  # drop the ragged last batch (BatchNorm)
         idx = order[start : start + batch_size]
-        x, y = normalize(augment(data.images[idx], gen), spec), data.labels[idx]
-        logits = model(x)
+        x, y = normalize(augment(data.images[idx], gen, strength), spec).to(_device(model)), data.labels[idx].to(_device(model))
+        with autocast(precision, x.device.type):
+            logits = model(x).float()
         loss = F.cross_entropy(logits, y, label_smoothing=0.05)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -112,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"too few images to train ({len(data.labels)}); need at least {2 * args.batch_size}")
 
     arch_args = {"stem_width": args.stem_width, "widths": list(args.widths)}
-    model = GenderNet(**arch_args, num_classes=len(CLASS_NAMES)).to(memory_format=torch.channels_last)
+    model = GenderNet(**arch_args, num_classes=len(CLASS_NAMES)).to(args.device, memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     steps = args.epochs * (len(train_set.labels) // args.batch_size)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, total_steps=steps, pct_start=0.15)
@@ -121,9 +142,18 @@ def main(argv: list[str] | None = None) -> int:
     history, best = [], None
     for epoch in range(1, args.epochs + 1):
         train_loss, train_acc = train_epoch(
-            model, train_set, spec, optimizer, scheduler, args.batch_size, gen, f"epoch {epoch}/{args.epochs}"
+            model,
+            train_set,
+            spec,
+            optimizer,
+            scheduler,
+            args.batch_size,
+            gen,
+            args.augment,
+            args.precision,
+            f"epoch {epoch}/{args.epochs}",
         )
-        val_loss, val_pred = evaluate(model, val_set, spec)
+        val_loss, val_pred = evaluate(model, val_set, spec, args.precision)
         val_acc = summarize(val_set.labels.tolist(), val_pred, CLASS_NAMES)["accuracy"]
         history.append(
             {"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc, "val_loss": val_loss, "val_acc": val_acc}
@@ -137,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         )
 
     model.load_state_dict(best[2])
-    test_loss, test_pred = evaluate(model, test_set, spec)
+    test_loss, test_pred = evaluate(model, test_set, spec, args.precision)
     truth = test_set.labels.tolist()
     test = {"loss": test_loss, "all": summarize(truth, test_pred, CLASS_NAMES)}
     for source in sorted({source_of(p) for p in test_set.paths}):
@@ -147,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     dev = {}
     for folder in args.dev:
         dev_set, _ = load_dataset(find_labeled_images(folder, CLASS_NAMES), height, width)
-        dev[folder.name] = summarize(dev_set.labels.tolist(), evaluate(model, dev_set, spec)[1], CLASS_NAMES)
+        dev[folder.name] = summarize(dev_set.labels.tolist(), evaluate(model, dev_set, spec, args.precision)[1], CLASS_NAMES)
         print(format_summary(f"dev {folder}", dev[folder.name], CLASS_NAMES))
 
     summary = {
@@ -159,13 +189,17 @@ def main(argv: list[str] | None = None) -> int:
         "epochs": args.epochs,
         "best_epoch": best[0],
         "threads": args.threads,
+        "precision": "bfloat16" if uses_bfloat16(args.precision, _device(model).type) else "float32",
         "wall_seconds": round(time.monotonic() - started, 1),
         "val_loss": best[1],
         "test": test,
         "dev": dev,
         "history": history,
     }
-    meta = {k: summary[k] for k in ("command", "data", "seed", "sizes", "epochs", "best_epoch", "wall_seconds", "val_loss")}
+    meta = {
+        k: summary[k]
+        for k in ("command", "data", "seed", "sizes", "epochs", "best_epoch", "wall_seconds", "val_loss", "precision")
+    }
     meta["test_accuracy"] = {k: v["accuracy"] for k, v in test.items() if isinstance(v, dict)}
     meta["dev_accuracy"] = {k: v["accuracy"] for k, v in dev.items()}
     summary["version"] = ckpt.save(args.out, model, arch_args, spec, CLASS_NAMES, meta)

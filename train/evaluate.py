@@ -14,19 +14,23 @@ from pathlib import Path
 
 import model
 from model import checkpoint as ckpt
-from model.inference import classify_batch
+from model.inference import PRECISIONS, classify_batch
 from model.progress import Progress
 from train.data import find_labeled_images
 from train.metrics import format_summary, summarize
 
 
-def evaluate_folder(folder: Path, checkpoint: ckpt.Checkpoint, pool: ThreadPoolExecutor, batch_size: int = 256) -> dict:
+def evaluate_folder(
+    folder: Path, checkpoint: ckpt.Checkpoint, pool: ThreadPoolExecutor, precision: str = "auto", batch_size: int = 256
+) -> dict:
     items = find_labeled_images(folder, checkpoint.class_names)
     truth, predicted, failed = [], [], []
     progress = Progress(len(items), f"evaluating {folder.name}")
     for start in range(0, len(items), batch_size):
         chunk = items[start : start + batch_size]
-        for (path, label), outcome in zip(chunk, classify_batch([p for p, _ in chunk], checkpoint, pool), strict=True):
+        for (path, label), outcome in zip(
+            chunk, classify_batch([p for p, _ in chunk], checkpoint, pool, precision=precision), strict=True
+        ):
             if outcome.prediction is None:
                 failed.append(f"{path}: {outcome.error}")
                 continue
@@ -40,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m train.evaluate", description=__doc__.splitlines()[0])
     p.add_argument("folders", nargs="+", type=Path)
     p.add_argument("--checkpoint", type=Path, default=model.DEFAULT_CHECKPOINT)
+    p.add_argument("--precision", choices=PRECISIONS, default="auto", help="forward-pass precision (auto: bfloat16 where fast)")
     p.add_argument("--json", type=Path, help="also write the results as JSON here")
     args = p.parse_args(argv)
     try:
@@ -51,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     results = {}
     with ThreadPoolExecutor() as pool:
         for folder in args.folders:
-            results[str(folder)] = evaluate_folder(folder, checkpoint, pool)
+            results[str(folder)] = evaluate_folder(folder, checkpoint, pool, args.precision)
             print(format_summary(str(folder), results[str(folder)], checkpoint.class_names))
             for line in results[str(folder)]["unreadable"]:
                 print(f"  unreadable: {line}")

@@ -23,13 +23,17 @@ DEFAULTS: dict[str, Any] = {
     "results": "results/process_results.json",
     "journal": "results/journal.jsonl",
     "checkpoint": str(model.DEFAULT_CHECKPOINT),
-    "batch": {"max_size": 64, "max_wait_ms": 20, "decode_threads": 2, "torch_threads": 2},
+    "batch": {"max_size": 64, "max_wait_ms": 20, "decode_threads": 2, "torch_threads": 2, "precision": "auto"},
     "intake": {"watch": True, "settle_seconds": 1.0, "rescan_seconds": 30.0, "max_file_bytes": 50 * 1024 * 1024},
     "rotation": {"max_bytes": 1024 * 1024},
     "reload": {"poll_seconds": 2.0},
     "logging": {"level": "info", "format": "auto"},
 }
-CHOICES = {"logging.level": ("debug", "info", "warning", "error"), "logging.format": ("auto", "json", "console")}
+CHOICES = {
+    "batch.precision": ("auto", "float32", "bfloat16"),
+    "logging.level": ("debug", "info", "warning", "error"),
+    "logging.format": ("auto", "json", "console"),
+}
 POSITIVE = ("batch.max_size", "batch.decode_threads", "batch.torch_threads", "intake.max_file_bytes", "rotation.max_bytes")
 
 

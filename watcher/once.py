@@ -13,11 +13,11 @@ from pathlib import Path
 import torch
 
 from model import checkpoint as ckpt
-from model.inference import classify_batch
+from model.files import write_json_atomic
+from model.inference import finish_batch, start_batch
 from model.progress import Progress
 from watcher import log
 from watcher.config import Config, check_service_paths
-from watcher.files import write_json_atomic
 from watcher.intake import is_waiting_name
 from watcher.pipeline import process_batch
 from watcher.reload import load_checked
@@ -39,16 +39,21 @@ def classify_folder(folder: Path, output: Path, config: Config) -> int:
     results: dict[str, str] = {}
     failures = 0
     progress = Progress(len(files), "classifying")
-    size = config.batch["max_size"]
+    size, max_bytes, precision = config.batch["max_size"], config.intake["max_file_bytes"], config.batch["precision"]
+    batches = [files[i : i + size] for i in range(0, len(files), size)]
     with ThreadPoolExecutor(config.batch["decode_threads"]) as pool:
-        for start in range(0, len(files), size):
-            for outcome in classify_batch(files[start : start + size], checkpoint, pool, config.intake["max_file_bytes"]):
+        # Keep the next batch decoding while the model runs on this one.
+        pending = start_batch(batches[0], checkpoint, pool, max_bytes) if batches else None
+        for k in range(len(batches)):
+            current = pending
+            pending = start_batch(batches[k + 1], checkpoint, pool, max_bytes) if k + 1 < len(batches) else None
+            for outcome in finish_batch(current, checkpoint, precision):
                 if outcome.prediction:
                     results[outcome.path.name] = outcome.prediction.label
                 else:
                     failures += 1
                     logger.warning("failed", file=outcome.path.name, reason=outcome.error)
-            progress.advance(len(files[start : start + size]))
+            progress.advance(len(batches[k]))
     write_json_atomic(output, dict(sorted(results.items())))
     logger.info("once_done", classified=len(results), failed=failures, output=str(output))
     return 1 if failures else 0

@@ -14,10 +14,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from model.checkpoint import Checkpoint
+from model.files import fsync_dir
 from model.inference import classify_batch
 from watcher import log
 from watcher.config import Config
-from watcher.files import fsync_dir
 from watcher.moves import move_no_clobber, unique_name
 from watcher.results import ResultStore
 
@@ -26,7 +26,7 @@ def process_batch(paths: list[Path], checkpoint: Checkpoint, pool: Executor, sto
     """Classify, commit and move one batch; return its journal records."""
     logger = log.get()
     started = time.monotonic()
-    outcomes = classify_batch(paths, checkpoint, pool, config.intake["max_file_bytes"])
+    outcomes = classify_batch(paths, checkpoint, pool, config.intake["max_file_bytes"], config.batch["precision"])
     now = datetime.now(UTC).isoformat(timespec="milliseconds")
     taken = {config.done: set(store.current), config.failed: set()}
     records = []

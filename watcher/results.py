@@ -13,7 +13,7 @@ import os
 import re
 from pathlib import Path
 
-from watcher.files import fsync_dir, write_json_atomic
+from model.files import fsync_dir, write_json_atomic
 
 
 def numbered(path: Path, n: int) -> Path:

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from model import checkpoint as ckpt
+from model.inference import uses_bfloat16
 from watcher import log
 from watcher.config import Config, check_service_paths
 from watcher.intake import Intake
@@ -119,7 +120,14 @@ class Service:
             intake = Intake(config.inbox, config.intake["settle_seconds"], self.waker.wake)
             intake.start(watch=config.intake["watch"])
             reloader = Reloader(config.checkpoint, model, self.waker.wake)
-            self.log.info("start", pid=os.getpid(), inbox=str(config.inbox), checkpoint=model.version, config=config.source)
+            self.log.info(
+                "start",
+                pid=os.getpid(),
+                inbox=str(config.inbox),
+                checkpoint=model.version,
+                precision="bfloat16" if uses_bfloat16(config.batch["precision"]) else "float32",
+                config=config.source,
+            )
             notify(f"READY=1\nSTATUS=serving checkpoint {model.version}")
             try:
                 self._loop(intake, reloader, store, pool, model)

@@ -1,4 +1,4 @@
-"""Durable file writes: atomic replace of a whole file, and fsync of folders after renames."""
+"""Durable file writes (checkpoints, results): atomic replace of a whole file, fsync of folders."""
 
 from __future__ import annotations
 
@@ -17,11 +17,18 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def write_atomic(path: Path, data: bytes) -> None:
     """Write to a temp file beside `path`, fsync, rename over it, fsync the folder: readers see
     the old file or the new one, never a partial one, also after a crash."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual mode
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

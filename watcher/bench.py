@@ -1,0 +1,278 @@
+"""python -m watcher.bench: how fast each stage is, on a folder of real faces.
+
+Reports, in one run on this machine:
+  1. decode ceiling: read + load_image on all cores (one process per core), no model
+  2. model forward throughput at batch sizes 1, 32 and 256
+  3. one image at a time, the original script's way (open, resize, one forward pass per file)
+  4. --once end to end (files on disk to results file written), and its ratios to 1 and 3
+  5. the service: arrival-to-durable latency p50/p99 at a steady rate, and the highest rate it
+     sustains without a growing backlog
+  6. the idle service: resident memory and CPU use
+Prints a table and writes JSON (--json) so runs can be compared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+import model
+from model import checkpoint as ckpt
+from model.inference import autocast, load_file, uses_bfloat16
+from model.preprocess import normalize
+from watcher import config as configuration
+from watcher import log
+from watcher.once import candidate_files, classify_folder
+
+DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "faces"
+
+
+def sample_files(folder: Path, count: int) -> list[Path]:
+    """Every n-th image of folder (or of its class sub-folders), `count` in all."""
+    files = sorted(
+        p for sub in [folder, *sorted(d for d in folder.iterdir() if d.is_dir())] for p in candidate_files(sub) if p.is_file()
+    )
+    step = max(1, len(files) // count)
+    return files[::step][:count]
+
+
+def _decode_chunk(args: tuple[list[str], int, int]) -> int:
+    paths, height, width = args
+    for path in paths:
+        load_file(path, height, width)
+    return len(paths)
+
+
+def decode_ceiling(files: list[Path], spec, workers: int) -> float:
+    chunks = [([str(p) for p in files[i::workers]], spec.height, spec.width) for i in range(workers)]
+    with ProcessPoolExecutor(workers) as pool:
+        pool.submit(int).result()  # start the workers before the clock
+        start = time.perf_counter()
+        done = sum(pool.map(_decode_chunk, chunks))
+    return done / (time.perf_counter() - start)
+
+
+@torch.inference_mode()
+def forward_throughput(checkpoint, batch_size: int, precision: str, seconds: float = 2.0) -> float:
+    spec = checkpoint.spec
+    x = normalize(torch.randint(0, 256, (batch_size, 3, spec.height, spec.width), dtype=torch.uint8), spec)
+    with autocast(precision):
+        checkpoint.model(x)
+        count, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            checkpoint.model(x)
+            count += batch_size
+    return count / (time.perf_counter() - start)
+
+
+@torch.inference_mode()
+def one_at_a_time(files: list[Path], checkpoint, precision: str) -> float:
+    """The original script's way: open, resize, one forward pass per file (same model and precision)."""
+    spec = checkpoint.spec
+    start = time.perf_counter()
+    for path in files:
+        img = Image.open(path).convert("RGB").resize((spec.width, spec.height))
+        x = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(spec.height, spec.width, 3).permute(2, 0, 1)
+        with autocast(precision):
+            checkpoint.model(normalize(x.unsqueeze(0), spec))
+    return len(files) / (time.perf_counter() - start)
+
+
+def once_end_to_end(files: list[Path], config, workdir: Path) -> float:
+    folder = workdir / "once"
+    folder.mkdir()
+    for path in files:
+        os.link(path, folder / path.name) if path.stat().st_dev == folder.stat().st_dev else shutil.copy(path, folder / path.name)
+    start = time.perf_counter()
+    classify_folder(folder, workdir / "once.json", config)
+    return len(files) / (time.perf_counter() - start)
+
+
+class _ServiceRun:
+    """The real service on temporary folders; arrival = rename into the inbox, done = seen in done/."""
+
+    def __init__(self, workdir: Path, checkpoint_path: Path) -> None:
+        self.root = workdir / "service"
+        for name in ("inbox", "done", "failed", "results"):
+            (self.root / name).mkdir(parents=True)
+        (self.root / "config.yaml").write_text(f"checkpoint: {checkpoint_path}\nlogging: {{format: json, level: warning}}\n")
+        self.staging = workdir / "staging"
+        self.staging.mkdir()
+        env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+        self.proc = subprocess.Popen([sys.executable, "-m", "watcher", "--config", str(self.root / "config.yaml")], env=env)
+        self._seen: dict[str, float] = {}
+        from watchdog.events import FileSystemEventHandler
+        from watchdog.observers import Observer
+
+        seen = self._seen
+
+        class Done(FileSystemEventHandler):
+            def on_moved(self, event):
+                seen.setdefault(os.path.basename(os.fsdecode(event.dest_path)), time.perf_counter())
+
+            def on_created(self, event):
+                seen.setdefault(os.path.basename(os.fsdecode(event.src_path)), time.perf_counter())
+
+        self.observer = Observer()
+        self.observer.schedule(Done(), str(self.root / "done"))
+        self.observer.start()
+        deadline = time.time() + 120
+        while not (self.root / "results" / "process_results.json").exists() and time.time() < deadline:
+            time.sleep(0.1)
+
+    def feed(self, files: list[Path], rate: float, prefix: str) -> dict[str, float]:
+        """Rename copies of files into the inbox at `rate` per second; return name -> arrival time."""
+        arrivals = {}
+        for i, path in enumerate(files):
+            name = f"{prefix}{i:06d}.jpg"
+            shutil.copy(path, self.staging / name)
+        start = time.perf_counter()
+        for i in range(len(files)):
+            name = f"{prefix}{i:06d}.jpg"
+            target = start + i / rate
+            while (now := time.perf_counter()) < target:
+                time.sleep(min(target - now, 0.002))
+            os.rename(self.staging / name, self.root / "inbox" / name)
+            arrivals[name] = time.perf_counter()
+        return arrivals
+
+    def wait(self, names, timeout: float) -> bool:
+        deadline = time.perf_counter() + timeout
+        while time.perf_counter() < deadline:
+            if all(n in self._seen for n in names):
+                return True
+            time.sleep(0.01)
+        return False
+
+    def latencies(self, arrivals: dict[str, float]) -> list[float]:
+        return sorted(self._seen[n] - t for n, t in arrivals.items() if n in self._seen)
+
+    def idle_usage(self, seconds: float) -> tuple[float, float]:
+        """(resident MB, CPU % of one core) over `seconds` of idling."""
+
+        def cpu_ticks() -> int:
+            fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            return int(fields[11]) + int(fields[12])
+
+        before, start = cpu_ticks(), time.perf_counter()
+        time.sleep(seconds)
+        used = (cpu_ticks() - before) / os.sysconf("SC_CLK_TCK")
+        rss = next(
+            int(line.split()[1])
+            for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines()
+            if line.startswith("VmRSS:")
+        )
+        return rss / 1024, 100 * used / (time.perf_counter() - start)
+
+    def close(self) -> None:
+        self.observer.stop()
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(30)
+
+
+def percentile(values: list[float], q: float) -> float:
+    return values[min(len(values) - 1, int(q * len(values)))] if values else float("nan")
+
+
+def bench_service(files: list[Path], checkpoint_path: Path, workdir: Path, steady_rate: float, once_rate: float) -> dict:
+    run = _ServiceRun(workdir, checkpoint_path)
+    try:
+        out = {}
+        rss, cpu = run.idle_usage(10.0)
+        out["idle_rss_mb"], out["idle_cpu_percent"] = round(rss, 1), round(cpu, 2)
+        steady = files[: int(steady_rate * 10)]  # 10 s at the steady rate
+        arrivals = run.feed(steady, steady_rate, "steady")
+        run.wait(arrivals, 30)
+        lat = run.latencies(arrivals)
+        out["steady_rate"] = steady_rate
+        out["latency_p50_ms"] = round(1000 * percentile(lat, 0.5), 1)
+        out["latency_p99_ms"] = round(1000 * percentile(lat, 0.99), 1)
+        out["steady_completed"] = f"{len(lat)}/{len(arrivals)}"
+        sustained = 0.0
+        for fraction in (0.4, 0.6, 0.8, 0.9, 1.0, 1.2):
+            rate = round(once_rate * fraction)
+            burst = files[: int(rate * 5)]  # 5 s at this rate
+            arrivals = run.feed(burst, rate, f"r{rate}_")
+            # no growing backlog: everything done within 1 s of the last arrival
+            if not run.wait(arrivals, 1.0 + len(burst) / rate - (time.perf_counter() - min(arrivals.values()))):
+                run.wait(arrivals, 60)
+                break
+            sustained = rate
+        out["sustained_rate"] = sustained
+        return out
+    finally:
+        run.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m watcher.bench", description=__doc__.splitlines()[0])
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="folder of face images (default: %(default)s)")
+    p.add_argument("--files", type=int, default=4000, help="how many images to use")
+    p.add_argument("--checkpoint", type=Path, default=model.DEFAULT_CHECKPOINT)
+    p.add_argument("--steady-rate", type=float, default=100.0, help="arrival rate for the latency measurement, per second")
+    p.add_argument("--no-service", action="store_true", help="skip the service measurements")
+    p.add_argument("--json", type=Path, default=Path("bench.json"))
+    args = p.parse_args(argv)
+    log.setup("warning", "json")
+    if not args.data.is_dir():
+        print(f"error: {args.data} is not a folder", file=sys.stderr)
+        return 2
+    files = sample_files(args.data, args.files)
+    config = configuration.load(None)
+    config = configuration.Config(**{**config.__dict__, "checkpoint": args.checkpoint.resolve()})
+    checkpoint = ckpt.load(args.checkpoint)
+    torch.set_num_threads(config.batch["torch_threads"])
+    cores = os.cpu_count() or 1
+    precision = config.batch["precision"]
+    results: dict = {"files": len(files), "data": str(args.data), "cores": cores, "checkpoint": checkpoint.version}
+    results["bfloat16"] = uses_bfloat16(precision)
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        results["decode_ceiling"] = decode_ceiling(files, checkpoint.spec, cores)
+        for bs in (1, 32, 256):
+            results[f"forward_b{bs}"] = forward_throughput(checkpoint, bs, precision)
+        results["one_at_a_time"] = one_at_a_time(files[:500], checkpoint, precision)
+        results["once"] = once_end_to_end(files, config, workdir)
+        results["once_vs_decode"] = results["once"] / results["decode_ceiling"]
+        results["once_vs_one_at_a_time"] = results["once"] / results["one_at_a_time"]
+        if not args.no_service:
+            results["service"] = bench_service(files, args.checkpoint.resolve(), workdir, args.steady_rate, results["once"])
+    rows = [
+        ("decode ceiling (all cores, no model)", f"{results['decode_ceiling']:.0f} img/s"),
+        *[(f"model forward, batch {bs}", f"{results[f'forward_b{bs}']:.0f} img/s") for bs in (1, 32, 256)],
+        ("one image at a time (original way)", f"{results['one_at_a_time']:.0f} img/s"),
+        ("--once end to end", f"{results['once']:.0f} img/s"),
+        ("--once / decode ceiling", f"{results['once_vs_decode']:.0%}"),
+        ("--once / one at a time", f"{results['once_vs_one_at_a_time']:.1f}x"),
+    ]
+    if "service" in results:
+        s = results["service"]
+        rows += [
+            (f"service latency at {s['steady_rate']:.0f}/s, p50 / p99", f"{s['latency_p50_ms']} / {s['latency_p99_ms']} ms"),
+            ("service sustained rate (no growing backlog)", f"{s['sustained_rate']:.0f} img/s"),
+            ("idle service resident memory", f"{s['idle_rss_mb']:.0f} MB"),
+            ("idle service CPU", f"{s['idle_cpu_percent']:.2f}% of a core"),
+        ]
+    width = max(len(r[0]) for r in rows)
+    print(f"gender-watcher bench: {len(files)} files from {args.data}, {cores} cores, checkpoint {checkpoint.version}")
+    for name, value in rows:
+        print(f"  {name:<{width}}  {value}")
+    args.json.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
