@@ -15,9 +15,11 @@ install -d /etc/gender-watcher
 sed "s#^checkpoint: .*#checkpoint: $state/model.pt#" "$ROOT/systemd/config.yaml" > /etc/gender-watcher/config.yaml
 install -o gender-watcher -g gender-watcher -m 0644 /box/out/first.pt "$state/model.pt"
 cp "$ROOT/systemd/gender-watcher.service" /etc/systemd/system/
-# Only for this test machine: its Python lives under /root, which ProtectHome= hides.
+# Only for this test: the checkout's Python lives under /root (hidden by ProtectHome=) and its
+# editable install points at the checkout's own path (which may be under /tmp, hidden by
+# PrivateTmp=). A real install (README) has neither, so the unit itself stays as shipped.
 mkdir -p /etc/systemd/system/gender-watcher.service.d
-printf '[Service]\nBindReadOnlyPaths=@PYBASE@\n' > /etc/systemd/system/gender-watcher.service.d/test-python.conf
+printf '[Service]\nBindReadOnlyPaths=@PYBASE@ %s\n' "$ROOT" > /etc/systemd/system/gender-watcher.service.d/test-paths.conf
 systemctl daemon-reload
 
 score=$(systemd-analyze security --offline=true /etc/systemd/system/gender-watcher.service 2>/dev/null | sed -n 's/.*Overall exposure level for .*: \([0-9.]*\).*/\1/p')
