@@ -77,11 +77,14 @@ def test_watchdog_events_wake_and_hint(tmp_path):
         (tmp_path / "a.jpg").write_bytes(b"x")  # create, write, close
         (tmp_path / "b.part").write_bytes(b"x")
         os.rename(tmp_path / "b.part", tmp_path / "b.jpg")  # renamed into place
+        outside = tmp_path.parent / f"{tmp_path.name}-outside.jpg"
+        outside.write_bytes(b"x")
+        os.rename(outside, tmp_path / "c.jpg")  # renamed in from an unwatched folder
         deadline = time.time() + 5
         got = []
-        while time.time() < deadline and len(got) < 2:
-            got += intake.take()
+        while time.time() < deadline and len(got) < 3:
+            got += intake.take()  # settle is 5 s: all three come from events, at once
             time.sleep(0.05)
-        assert sorted(got) == [tmp_path / "a.jpg", tmp_path / "b.jpg"] and woken
+        assert sorted(got) == [tmp_path / "a.jpg", tmp_path / "b.jpg", tmp_path / "c.jpg"] and woken
     finally:
         intake.stop()

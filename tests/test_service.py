@@ -20,9 +20,7 @@ IMG = image_bytes()
 def service(tmp_path, tiny_checkpoint):
     ckpt_path = tmp_path / "model.pt"
     ckpt_path.write_bytes(tiny_checkpoint.read_bytes())
-    svc = ServiceProcess(
-        tmp_path, ckpt_path, env={"WATCHDOG_USEC": "400000"}, reload={"poll_seconds": 0.2}, intake={"settle_seconds": 0.5}
-    )
+    svc = ServiceProcess(tmp_path, ckpt_path, env={"WATCHDOG_USEC": "400000"}, intake={"settle_seconds": 0.5})
     yield svc
     svc.close()
 
@@ -154,7 +152,7 @@ def test_specials_are_quarantined_and_nothing_outside_is_touched(service):
 def test_same_name_twice_keeps_both(service):
     service.start()
     drop(service.inbox, "same.jpg", image_bytes(colour=(10, 10, 10)))
-    service.wait_handled(1)
+    service.wait_for(lambda: (service.done / "same.jpg").exists(), 30, "first file moved out")
     drop(service.inbox, "same.jpg", image_bytes(colour=(250, 250, 250)))
     service.wait_handled(2)
     assert sorted(os.listdir(service.done)) == ["same.jpg", "same__2.jpg"]

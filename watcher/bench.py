@@ -177,9 +177,10 @@ class _ServiceRun:
         return rss / 1024, 100 * used / (time.perf_counter() - start)
 
     def close(self) -> None:
-        self.observer.stop()
         self.proc.send_signal(signal.SIGTERM)
         self.proc.wait(30)
+        self.observer.stop()
+        self.observer.join()
 
 
 def percentile(values: list[float], q: float) -> float:

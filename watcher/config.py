@@ -26,7 +26,7 @@ DEFAULTS: dict[str, Any] = {
     "batch": {"max_size": 64, "max_wait_ms": 20, "decode_threads": 2, "torch_threads": 2, "precision": "auto"},
     "intake": {"watch": True, "settle_seconds": 1.0, "rescan_seconds": 30.0, "max_file_bytes": 50 * 1024 * 1024},
     "rotation": {"max_bytes": 1024 * 1024},
-    "reload": {"poll_seconds": 2.0},
+    "reload": {"poll_seconds": 30.0},
     "logging": {"level": "info", "format": "auto"},
 }
 CHOICES = {

@@ -22,9 +22,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
-from watchdog.observers import Observer
+from watchdog.observers.inotify import InotifyObserver
+from watchdog.observers.inotify_move_event_grouper import InotifyMoveEventGrouper
 
 WAITING_SUFFIXES = (".part", ".tmp", "~")
+# watchdog holds every IN_MOVED_FROM for `delay` (0.5 s) to pair it with its IN_MOVED_TO, and
+# all events queued behind it wait as well: each of our own moves out of the inbox would add
+# half a second to the next arrivals. Both halves of a rename inside one folder come in the
+# same read, so a short hold still pairs them.
+InotifyMoveEventGrouper.delay = 0.02
 CLOSED, CHANGED = "closed", "changed"
 
 
@@ -71,7 +77,9 @@ class Intake:
     # -- main loop -------------------------------------------------------------------------
     def start(self, watch: bool = True) -> None:
         if watch:
-            self._observer = Observer()
+            # Full events: a file renamed in from an unwatched folder arrives as a move (complete),
+            # not as a create (which would wait for settle_seconds).
+            self._observer = InotifyObserver(generate_full_events=True)
             self._observer.schedule(_Hints(self), str(self.inbox), recursive=False)
             self._observer.start()
         self.rescan()

@@ -1,8 +1,10 @@
 """Hot reload of the checkpoint: notice a change, load and check it off the main loop, hand it over.
 
-The main loop calls `poll` (cheap: one stat) and `collect`; loading and the canary forward pass
-run in a background thread, so batches keep flowing meanwhile. The loop swaps the model in
-between batches. A file that fails any check is refused and the old model keeps serving.
+The checkpoint's folder is watched (inotify), so a change wakes the main loop at once; a slow
+poll is the fallback. The main loop calls `poll` (one stat) and `collect`; a file is loaded only
+once it has held still between two polls, and loading and the canary forward pass run in a
+background thread, so batches keep flowing. The loop swaps the model in between batches. A file
+that fails any check is refused and the old model keeps serving.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.observers.inotify import InotifyObserver
 
 from model import checkpoint as ckpt
 
@@ -56,6 +60,33 @@ class Reloader:
         self._last_seen = self._loaded_signature
         self._thread: threading.Thread | None = None
         self._result: ckpt.Checkpoint | Exception | None = None
+        self._observer: InotifyObserver | None = None
+        self.hinted = False  # set by the watch thread: the file may have changed
+
+    def start_watching(self) -> None:
+        reloader = self
+
+        class Hints(FileSystemEventHandler):
+            def on_any_event(self, event: FileSystemEvent) -> None:
+                names = {os.path.basename(os.fsdecode(p)) for p in (event.src_path, getattr(event, "dest_path", ""))}
+                if reloader.path.name in names:
+                    reloader.hinted = True
+                    reloader.wake()
+
+        self._observer = InotifyObserver(generate_full_events=True)
+        self._observer.schedule(Hints(), str(self.path.parent), recursive=False)
+        self._observer.start()
+
+    def stop_watching(self) -> None:
+        if self._observer:
+            self._observer.stop()
+            self._observer.join(timeout=5)
+            self._observer = None
+
+    @property
+    def changing(self) -> bool:
+        """A change was seen that has not been loaded (or refused) yet: look again soon."""
+        return self._last_seen != self._loaded_signature and self._thread is None
 
     def poll(self, force: bool = False) -> bool:
         """Start a background load if the file changed and held still since the last poll (or if forced)."""

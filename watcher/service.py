@@ -33,6 +33,7 @@ from watcher.reload import Reloader, load_checked
 from watcher.results import ResultStore
 
 LOCK_NAME = ".gender-watcher.lock"  # hidden, so intake never takes it
+RELOAD_RECHECK = 0.5  # seconds a changed checkpoint must hold still before it is loaded
 
 
 class Waker:
@@ -120,6 +121,7 @@ class Service:
             intake = Intake(config.inbox, config.intake["settle_seconds"], self.waker.wake)
             intake.start(watch=config.intake["watch"])
             reloader = Reloader(config.checkpoint, model, self.waker.wake)
+            reloader.start_watching()
             self.log.info(
                 "start",
                 pid=os.getpid(),
@@ -134,6 +136,7 @@ class Service:
             finally:
                 notify("STOPPING=1")
                 intake.stop()
+                reloader.stop_watching()
                 store.close()
         self.log.info("stop", signal=signal.Signals(self.stop_signal).name if self.stop_signal else None)
         return 0
@@ -154,13 +157,16 @@ class Service:
             if ping_every is not None and now >= next_ping:
                 notify("WATCHDOG=1")
                 next_ping = now + ping_every
+            if reloader.hinted:
+                reloader.hinted = False
+                next_reload_poll = min(next_reload_poll, now + RELOAD_RECHECK)
             if self.reload_requested or now >= next_reload_poll:
                 if reloader.poll(force=self.reload_requested):
                     self.log.info(
                         "reload_start", path=str(config.checkpoint), reason="SIGHUP" if self.reload_requested else "changed"
                     )
                 self.reload_requested = False
-                next_reload_poll = now + config.reload["poll_seconds"]
+                next_reload_poll = now + (RELOAD_RECHECK if reloader.changing else config.reload["poll_seconds"])
             result = reloader.collect()
             if isinstance(result, ckpt.Checkpoint):
                 self.log.info("reload", old=model.version, new=result.version)
