@@ -86,7 +86,7 @@ class Reloader:
     @property
     def changing(self) -> bool:
         """A change was seen that has not been loaded (or refused) yet: look again soon."""
-        return self._last_seen != self._loaded_signature and self._thread is None
+        return self._last_seen != self._loaded_signature
 
     def poll(self, force: bool = False) -> bool:
         """Start a background load if the file changed and held still since the last poll (or if forced)."""
