@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     log.setup(config.logging["level"], config.logging["format"])
     logger = log.get()
-    # Imported here: they import torch, which keeps --help and config errors slow otherwise.
+    # Imported here: they import torch, which would make --help and config errors slow.
     from watcher import once, service
 
     try:
