@@ -42,18 +42,18 @@ def classify_folder(folder: Path, output: Path, config: Config) -> int:
     size, max_bytes, precision = config.batch["max_size"], config.intake["max_file_bytes"], config.batch["precision"]
     batches = [files[i : i + size] for i in range(0, len(files), size)]
     with ThreadPoolExecutor(config.batch["decode_threads"]) as pool:
-        # Keep the next batch decoding while the model runs on this one.
-        pending = start_batch(batches[0], checkpoint, pool, max_bytes) if batches else None
-        for k in range(len(batches)):
-            current = pending
-            pending = start_batch(batches[k + 1], checkpoint, pool, max_bytes) if k + 1 < len(batches) else None
-            for outcome in finish_batch(current, checkpoint, precision):
+        started = (start_batch(batch, checkpoint, pool, max_bytes) for batch in batches)
+        pending = next(started, None)
+        while pending is not None:
+            following = next(started, None)  # the next batch decodes while the model runs on this one
+            for outcome in finish_batch(pending, checkpoint, precision):
                 if outcome.prediction:
                     results[outcome.path.name] = outcome.prediction.label
                 else:
                     failures += 1
                     logger.warning("failed", file=outcome.path.name, reason=outcome.error)
-            progress.advance(len(batches[k]))
+            progress.advance(len(pending.paths))
+            pending = following
     write_json_atomic(output, dict(sorted(results.items())))
     logger.info("once_done", classified=len(results), failed=failures, output=str(output))
     return 1 if failures else 0
