@@ -16,11 +16,11 @@ from pathlib import Path
 
 import torch
 
+from model import PRECISIONS
 from model.checkpoint import Checkpoint
 from model.preprocess import ImageError, load_image, normalize
 
 DEFAULT_MAX_BYTES = 50 * 1024 * 1024
-PRECISIONS = ("auto", "float32", "bfloat16")
 
 
 @functools.cache

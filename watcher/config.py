@@ -30,7 +30,7 @@ DEFAULTS: dict[str, Any] = {
     "logging": {"level": "info", "format": "auto"},
 }
 CHOICES = {
-    "batch.precision": ("auto", "float32", "bfloat16"),
+    "batch.precision": model.PRECISIONS,
     "logging.level": ("debug", "info", "warning", "error"),
     "logging.format": ("auto", "json", "console"),
 }
