@@ -80,7 +80,9 @@ class ServiceProcess:
     def journal_records(self) -> list[dict]:
         records = []
         for path in sorted(self.journal.parent.glob("journal*.jsonl")):
-            records += [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            text = path.read_text()
+            complete = text[: text.rfind("\n") + 1]  # a line being appended right now is not committed yet
+            records += [json.loads(line) for line in complete.splitlines() if line.strip()]
         return records
 
     def wait_handled(self, count: int, timeout: float = 60) -> None:
