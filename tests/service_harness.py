@@ -86,7 +86,13 @@ class ServiceProcess:
         return records
 
     def wait_handled(self, count: int, timeout: float = 60) -> None:
-        self.wait_for(lambda: len(self.journal_records()) >= count, timeout, f"{count} journal records")
+        """Until `count` files are committed to the journal and moved (the move comes after the commit)."""
+
+        def handled() -> bool:
+            records = self.journal_records()
+            return len(records) >= count and all(os.path.lexists(r["dest"]) for r in records)
+
+        self.wait_for(handled, timeout, f"{count} files committed and moved")
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
         self.proc.send_signal(sig)
