@@ -35,18 +35,23 @@ def _geometry(x: torch.Tensor, gen: torch.Generator, s: float) -> torch.Tensor:
 
 
 def _colour(x: torch.Tensor, gen: torch.Generator, s: float) -> torch.Tensor:
+    """Saturation, white balance, contrast and brightness are one affine colour map per image
+    (applied in a single batched matmul), then gamma."""
     n = x.shape[0]
-    grey = (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
     saturation = _uniform(n, 1 - 0.6 * s, 1 + 0.5 * s, gen).clamp(min=0)
     saturation[torch.rand(n, generator=gen) < 0.15 * s] = 0.0  # some photos are greyscale
-    x = grey + (x - grey) * saturation.view(n, 1, 1, 1)
-    channel_gain = _uniform(3 * n, 1 - 0.1 * s, 1 + 0.1 * s, gen).view(n, 3, 1, 1)  # white balance
-    x = x * channel_gain
-    mean = x.mean(dim=(1, 2, 3), keepdim=True)
-    x = (x - mean) * _uniform(n, 1 - 0.4 * s, 1 + 0.4 * s, gen).clamp(min=0.1).view(n, 1, 1, 1) + mean  # contrast
-    x = x * _uniform(n, 1 - 0.4 * s, 1 + 0.4 * s, gen).clamp(min=0.1).view(n, 1, 1, 1)  # brightness
+    luma = torch.tensor([0.299, 0.587, 0.114]).expand(3, 3)
+    sat = saturation.view(n, 1, 1)
+    mix = sat * torch.eye(3) + (1 - sat) * luma  # towards grey
+    mix = _uniform(3 * n, 1 - 0.1 * s, 1 + 0.1 * s, gen).view(n, 3, 1) * mix  # white balance
+    contrast = _uniform(n, 1 - 0.4 * s, 1 + 0.4 * s, gen).clamp(min=0.1)
+    brightness = _uniform(n, 1 - 0.4 * s, 1 + 0.4 * s, gen).clamp(min=0.1)
+    mean = (mix @ x.mean(dim=(2, 3)).unsqueeze(2)).mean(dim=(1, 2))  # of the image after mixing
+    # ((mix x - mean) * contrast + mean) * brightness
+    offset = (brightness * (1 - contrast) * mean).view(n, 1, 1).expand(n, 3, 1)
+    y = torch.baddbmm(offset, (brightness * contrast).view(n, 1, 1) * mix, x.reshape(n, 3, -1)).view_as(x)
     gamma = torch.exp(_uniform(n, -0.35 * s, 0.35 * s, gen)).view(n, 1, 1, 1)
-    return x.clamp(0, 1) ** gamma
+    return y.clamp_(0, 1).pow_(gamma)
 
 
 def _degrade(x: torch.Tensor, gen: torch.Generator, s: float) -> torch.Tensor:
@@ -56,8 +61,8 @@ def _degrade(x: torch.Tensor, gen: torch.Generator, s: float) -> torch.Tensor:
         scale = float(_uniform(1, 0.3, 0.75, gen))
         small = F.interpolate(x[low], size=(max(8, round(h * scale)), max(8, round(w * scale))), mode="bilinear", antialias=True)
         x[low] = F.interpolate(small, size=(h, w), mode="bilinear", align_corners=False)
-    noisy = (torch.rand(n, generator=gen) < 0.2 * s).view(n, 1, 1, 1)
-    x = x + noisy * torch.randn(x.shape, generator=gen) * 0.03
+    noisy = torch.rand(n, generator=gen) < 0.2 * s
+    x[noisy] += torch.randn((int(noisy.sum()), *x.shape[1:]), generator=gen) * 0.03
     occlude = torch.rand(n, generator=gen) < 0.2 * s  # a hand, a microphone, a sticker
     for i in torch.nonzero(occlude).flatten().tolist():
         eh, ew = int(_uniform(1, 0.15, 0.4, gen) * h), int(_uniform(1, 0.15, 0.4, gen) * w)
