@@ -24,7 +24,8 @@ import torch
 from torch import nn
 
 from model.files import write_atomic
-from model.network import ARCHITECTURES
+from model.network import ARCHITECTURES, fold_batchnorm
+from model.precision import uses_bfloat16
 from model.preprocess import InputSpec
 
 FORMAT = "gender-watcher/1"
@@ -37,11 +38,12 @@ class CheckpointError(ValueError):
 
 @dataclass
 class Checkpoint:
-    model: nn.Module
+    model: nn.Module  # ready for inference: eval mode, batch norms folded, weights in `dtype`
     spec: InputSpec
     class_names: list[str]
     version: str
     meta: dict = field(default_factory=dict)
+    dtype: torch.dtype = torch.float32
 
 
 def weights_hash(state_dict: dict[str, torch.Tensor]) -> str:
@@ -81,8 +83,10 @@ def save(
     return version
 
 
-def load(path: str | Path) -> Checkpoint:
-    """Read and validate a checkpoint; raise CheckpointError saying what is wrong."""
+def load(path: str | Path, precision: str = "auto") -> Checkpoint:
+    """Read and validate a checkpoint, and make its model ready for inference at `precision`
+    (see model.precision): batch norms folded into the convolutions, weights cast to bfloat16
+    where that is fast. Raise CheckpointError saying what is wrong."""
     path = Path(path)
 
     def fail(reason: str) -> CheckpointError:
@@ -126,5 +130,6 @@ def load(path: str | Path) -> Checkpoint:
         raise fail(f"weights do not fit {payload['arch']}: {str(exc).splitlines()[0][:300]}") from None
     if weights_hash(state) != str(payload["version"]).rsplit("-", 1)[-1]:
         raise fail("weights do not match the hash in its version id (damaged or edited)")
-    model.eval()
-    return Checkpoint(model, spec, class_names, str(payload["version"]), dict(payload["meta"]))
+    dtype = torch.bfloat16 if uses_bfloat16(precision) else torch.float32
+    model = fold_batchnorm(model.eval()).to(dtype, memory_format=torch.channels_last)
+    return Checkpoint(model, spec, class_names, str(payload["version"]), dict(payload["meta"]), dtype)

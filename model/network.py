@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 
 def _conv_bn_relu(cin: int, cout: int, stride: int = 1) -> list[nn.Module]:
@@ -42,6 +43,17 @@ class GenderNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
+
+
+def fold_batchnorm(model: nn.Module) -> nn.Module:
+    """Merge every BatchNorm2d into the Conv2d just before it in a Sequential (eval mode only).
+
+    The outputs stay the same up to rounding, and inference skips one pass over every feature map."""
+    for seq in [m for m in model.modules() if isinstance(m, nn.Sequential)]:
+        for i in range(len(seq) - 1):
+            if isinstance(seq[i], nn.Conv2d) and isinstance(seq[i + 1], nn.BatchNorm2d):
+                seq[i], seq[i + 1] = fuse_conv_bn_eval(seq[i], seq[i + 1]), nn.Identity()
+    return model
 
 
 # Checkpoints name their architecture; loading looks it up here, so adding a network is one entry.

@@ -17,10 +17,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from model import files
-from watcher import pipeline, results
-from watcher.__main__ import main
-
 
 def fail(kind: str) -> None:
     if kind == "exit":
@@ -31,6 +27,11 @@ def fail(kind: str) -> None:
 
 
 def install(step: str, kind: str) -> None:
+    # Imported here, not at the top: the decode workers import this script as their __main__,
+    # and they should not load torch for nothing.
+    from model import files
+    from watcher import pipeline, results
+
     armed = {"on": False}
     real_commit = results.ResultStore.commit
 
@@ -90,4 +91,6 @@ if __name__ == "__main__":
     step, kind, sep, *args = sys.argv[1:]
     assert sep == "--"
     install(step, kind)
+    from watcher.__main__ import main
+
     sys.exit(main(args))

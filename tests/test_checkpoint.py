@@ -12,14 +12,21 @@ from tests.conftest import TINY_ARCH, TINY_SPEC, make_tiny_checkpoint
 def test_round_trip(tmp_path):
     path = tmp_path / "c.pt"
     torch.manual_seed(1)
-    model = GenderNet(**TINY_ARCH).eval()
+    model = GenderNet(**TINY_ARCH)
+    model(torch.randn(16, 3, 32, 32) * 3 + 1)  # training mode: batch norms learn non-trivial statistics
+    model.eval()
     version = ckpt.save(path, model, TINY_ARCH, TINY_SPEC, ["female", "male"], {"data": "x", "test_accuracy": {"all": 0.9}})
-    loaded = ckpt.load(path)
+    loaded = ckpt.load(path, "float32")
     assert loaded.version == version and loaded.spec == TINY_SPEC and loaded.class_names == ["female", "male"]
     assert loaded.meta["test_accuracy"] == {"all": 0.9}
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in loaded.model.modules())  # folded for inference
     x = torch.randn(3, 3, 32, 32)
     with torch.inference_mode():
-        assert torch.equal(model(x), loaded.model(x))
+        expected = model(x)
+        assert torch.allclose(expected, loaded.model(x), atol=1e-5)
+        in_bfloat16 = ckpt.load(path, "bfloat16")
+        assert in_bfloat16.dtype == torch.bfloat16
+        assert torch.allclose(expected, in_bfloat16.model(x.to(torch.bfloat16)).float(), atol=0.05)
     assert not list(tmp_path.glob(".*.tmp"))  # atomic write leaves no temp file
 
 

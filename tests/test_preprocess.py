@@ -5,7 +5,8 @@ import pytest
 import torch
 from PIL import Image
 
-from model.preprocess import MAX_PIXELS, ImageError, InputSpec, load_image, normalize, preprocess
+from model.decode import MAX_PIXELS, ImageError
+from model.preprocess import InputSpec, load_image, normalize, preprocess
 from tests.conftest import image_bytes
 
 H, W = 64, 64

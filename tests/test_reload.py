@@ -21,7 +21,7 @@ def collect(reloader, timeout=10.0):
 def test_change_during_a_load_is_loaded_next(tmp_path):
     path = tmp_path / "model.pt"
     first = make_tiny_checkpoint(path, seed=1)
-    reloader = Reloader(path, ckpt.load(path))
+    reloader = Reloader(path, "auto", ckpt.load(path))
     assert reloader.poll(force=True)  # a SIGHUP reload of the same file is under way
     second = make_tiny_checkpoint(tmp_path / "new.pt", seed=2)
     os.rename(tmp_path / "new.pt", path)  # ... and the file changes meanwhile
@@ -36,7 +36,7 @@ def test_change_during_a_load_is_loaded_next(tmp_path):
 def test_damaged_file_is_refused_once_until_it_changes(tmp_path):
     path = tmp_path / "model.pt"
     make_tiny_checkpoint(path, seed=1)
-    reloader = Reloader(path, ckpt.load(path))
+    reloader = Reloader(path, "auto", ckpt.load(path))
     path.write_bytes(b"garbage")
     assert not reloader.poll()  # first look: changed, not yet still
     assert reloader.poll()

@@ -2,13 +2,13 @@
 development-set accuracy written in it."""
 
 import json
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 import model
 from model import checkpoint as ckpt
-from model.inference import uses_bfloat16
+from model.decode import DecodePool
+from model.precision import uses_bfloat16
 from tests.conftest import ROOT, SHARED_DATA, needs_shared_data
 from train.evaluate import evaluate_folder
 
@@ -33,7 +33,7 @@ def test_shipped_checkpoint_is_small_and_described(shipped):
 @needs_shared_data
 @pytest.mark.parametrize("name", ["lfw", "scut"])
 def test_serving_path_reproduces_the_reported_dev_accuracy(shipped, name):
-    with ThreadPoolExecutor(2) as pool:
+    with DecodePool(2) as pool:
         result = evaluate_folder(SHARED_DATA / "other" / name, shipped, pool)
     reported = shipped.meta["dev_accuracy"][name]
     # a machine without AMX runs float32 instead of bfloat16: a few answers near 0.5 may differ

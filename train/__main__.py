@@ -19,9 +19,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from model import PRECISIONS
 from model import checkpoint as ckpt
-from model.inference import PRECISIONS, autocast, uses_bfloat16
 from model.network import GenderNet
+from model.precision import autocast, uses_bfloat16
 from model.preprocess import InputSpec, normalize
 from model.progress import Progress
 from train.augment import augment

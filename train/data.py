@@ -5,16 +5,16 @@ from __future__ import annotations
 import os
 import random
 from collections import defaultdict
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from model.inference import load_file
-from model.preprocess import ImageError
+from model.decode import Decoded, DecodePool
+from model.preprocess import to_tensor
 from model.progress import Progress
 
+CHUNK = 512  # files per decoding task: few round trips, a smooth progress bar
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
@@ -56,22 +56,21 @@ def find_labeled_images(root: str | Path, class_names: list[str]) -> list[tuple[
 def load_dataset(
     items: list[tuple[Path, int]], height: int, width: int, workers: int | None = None
 ) -> tuple[Dataset, list[tuple[Path, str]]]:
-    """Decode every file once with the serving preprocessing; return the dataset and the skipped files."""
+    """Decode every file once with the serving preprocessing, on the decode worker pool; return
+    the dataset and the skipped files."""
     progress = Progress(len(items), "decoding", min_total=1)
-
-    def one(item: tuple[Path, int]) -> torch.Tensor | ImageError:
-        try:
-            return load_file(item[0], height, width)
-        except ImageError as exc:
-            return exc
-        finally:
-            progress.advance()
-
-    with ThreadPoolExecutor(workers or os.cpu_count() or 1) as pool:
-        decoded = list(pool.map(one, items))
-    keep = [i for i, d in enumerate(decoded) if isinstance(d, torch.Tensor)]
-    skipped = [(items[i][0], str(d)) for i, d in enumerate(decoded) if not isinstance(d, torch.Tensor)]
-    images = torch.stack([decoded[i] for i in keep]) if keep else torch.empty(0, 3, height, width, dtype=torch.uint8)
+    paths = [path for path, _ in items]
+    chunks = [paths[i : i + CHUNK] for i in range(0, len(paths), CHUNK)]
+    decoded: list[Decoded] = []
+    with DecodePool(workers or os.cpu_count() or 1) as pool:
+        for pending in [pool.start(chunk, height, width) for chunk in chunks]:
+            decoded += pool.wait(pending)
+            progress.advance(len(pending.paths))
+    keep = [i for i, (pixels, _, _) in enumerate(decoded) if pixels is not None]
+    skipped = [(items[i][0], str(error)) for i, (pixels, error, _) in enumerate(decoded) if pixels is None]
+    images = (
+        torch.stack([to_tensor(decoded[i][0]) for i in keep]) if keep else torch.empty(0, 3, height, width, dtype=torch.uint8)
+    )
     labels = torch.tensor([items[i][1] for i in keep], dtype=torch.long)
     return Dataset(images, labels, [items[i][0] for i in keep]), skipped
 

@@ -8,29 +8,27 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import model
+from model import PRECISIONS
 from model import checkpoint as ckpt
-from model.inference import PRECISIONS, classify_batch
+from model.decode import DecodePool
+from model.inference import classify_batch
 from model.progress import Progress
 from train.data import find_labeled_images
 from train.metrics import format_summary, summarize
 
 
-def evaluate_folder(
-    folder: Path, checkpoint: ckpt.Checkpoint, pool: ThreadPoolExecutor, precision: str = "auto", batch_size: int = 256
-) -> dict:
+def evaluate_folder(folder: Path, checkpoint: ckpt.Checkpoint, pool: DecodePool, batch_size: int = 256) -> dict:
     items = find_labeled_images(folder, checkpoint.class_names)
     truth, predicted, failed = [], [], []
     progress = Progress(len(items), f"evaluating {folder.name}")
     for start in range(0, len(items), batch_size):
         chunk = items[start : start + batch_size]
-        for (path, label), outcome in zip(
-            chunk, classify_batch([p for p, _ in chunk], checkpoint, pool, precision=precision), strict=True
-        ):
+        for (path, label), outcome in zip(chunk, classify_batch([p for p, _ in chunk], checkpoint, pool), strict=True):
             if outcome.prediction is None:
                 failed.append(f"{path}: {outcome.error}")
                 continue
@@ -48,15 +46,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path, help="also write the results as JSON here")
     args = p.parse_args(argv)
     try:
-        checkpoint = ckpt.load(args.checkpoint)
+        checkpoint = ckpt.load(args.checkpoint, args.precision)
     except ckpt.CheckpointError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"checkpoint {args.checkpoint} (version {checkpoint.version})")
     results = {}
-    with ThreadPoolExecutor() as pool:
+    with DecodePool(os.cpu_count() or 1) as pool:
         for folder in args.folders:
-            results[str(folder)] = evaluate_folder(folder, checkpoint, pool, args.precision)
+            results[str(folder)] = evaluate_folder(folder, checkpoint, pool)
             print(format_summary(str(folder), results[str(folder)], checkpoint.class_names))
             for line in results[str(folder)]["unreadable"]:
                 print(f"  unreadable: {line}")

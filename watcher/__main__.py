@@ -43,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     log.setup(config.logging["level"], config.logging["format"])
     logger = log.get()
     # Imported here: they import torch, which would make --help and config errors slow.
+    from model.decode import DecodePool
     from watcher import once, service
 
     try:
@@ -55,11 +56,13 @@ def main(argv: list[str] | None = None) -> int:
             if args.once.resolve() != config.inbox:
                 print(f"error: --once --move works on the configured inbox ({config.inbox}), not {args.once}", file=sys.stderr)
                 return 2
-            return once.drain_inbox(config)
+            with DecodePool(config.batch["decode_processes"]) as pool:
+                return once.drain_inbox(config, pool)
         if not args.once.is_dir():
             print(f"error: {args.once} is not a folder", file=sys.stderr)
             return 2
-        return once.classify_folder(args.once, args.output, config)
+        with DecodePool(config.batch["decode_processes"]) as pool:
+            return once.classify_folder(args.once, args.output, config, pool)
     except (configuration.ConfigError, CheckpointError, service.ServiceError) as exc:
         logger.error("cannot_start", reason=str(exc))
         print(f"error: {exc}", file=sys.stderr)

@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import suppress
 from pathlib import Path
 
 import torch
@@ -30,8 +31,8 @@ from PIL import Image
 
 import model
 from model import checkpoint as ckpt
-from model.inference import autocast, load_file, uses_bfloat16
-from model.preprocess import normalize
+from model.decode import DecodePool, read_image_bytes
+from model.preprocess import load_image, normalize
 from watcher import config as configuration
 from watcher import log
 from watcher.once import candidate_files, classify_folder
@@ -51,7 +52,7 @@ def sample_files(folder: Path, count: int) -> list[Path]:
 def _decode_chunk(args: tuple[list[str], int, int]) -> int:
     paths, height, width = args
     for path in paths:
-        load_file(path, height, width)
+        load_image(read_image_bytes(path), height, width)
     return len(paths)
 
 
@@ -65,39 +66,44 @@ def decode_ceiling(files: list[Path], spec, workers: int) -> float:
 
 
 @torch.inference_mode()
-def forward_throughput(checkpoint, batch_size: int, precision: str, seconds: float = 2.0) -> float:
+def forward_throughput(checkpoint, batch_size: int, seconds: float = 2.0) -> float:
     spec = checkpoint.spec
     x = normalize(torch.randint(0, 256, (batch_size, 3, spec.height, spec.width), dtype=torch.uint8), spec)
-    with autocast(precision):
+    x = x.to(checkpoint.dtype)
+    checkpoint.model(x)
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
         checkpoint.model(x)
-        count, start = 0, time.perf_counter()
-        while time.perf_counter() - start < seconds:
-            checkpoint.model(x)
-            count += batch_size
+        count += batch_size
     return count / (time.perf_counter() - start)
 
 
 @torch.inference_mode()
-def one_at_a_time(files: list[Path], checkpoint, precision: str) -> float:
-    """The original script's way: open, resize, one forward pass per file (same model and precision)."""
-    spec = checkpoint.spec
+def one_at_a_time(files: list[Path], checkpoint) -> float:
+    """The original script's way: open, resize, one forward pass per file (same model and precision),
+    with torch on all cores as a plain script runs it."""
+    spec, threads = checkpoint.spec, torch.get_num_threads()
+    torch.set_num_threads(os.cpu_count() or 1)
     start = time.perf_counter()
     for path in files:
         img = Image.open(path).convert("RGB").resize((spec.width, spec.height))
         x = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(spec.height, spec.width, 3).permute(2, 0, 1)
-        with autocast(precision):
-            checkpoint.model(normalize(x.unsqueeze(0), spec))
-    return len(files) / (time.perf_counter() - start)
+        checkpoint.model(normalize(x.unsqueeze(0), spec).to(checkpoint.dtype))
+    rate = len(files) / (time.perf_counter() - start)
+    torch.set_num_threads(threads)
+    return rate
 
 
 def once_end_to_end(files: list[Path], config, workdir: Path) -> float:
+    """Checkpoint load to results written, with the decode workers already started."""
     folder = workdir / "once"
     folder.mkdir()
     for path in files:
         shutil.copy(path, folder / path.name)
-    start = time.perf_counter()
-    classify_folder(folder, workdir / "once.json", config)
-    return len(files) / (time.perf_counter() - start)
+    with DecodePool(config.batch["decode_processes"]) as pool:
+        start = time.perf_counter()
+        classify_folder(folder, workdir / "once.json", config, pool)
+        return len(files) / (time.perf_counter() - start)
 
 
 class _ServiceRun:
@@ -160,18 +166,19 @@ class _ServiceRun:
         return sorted(self._seen[n] - t for n, t in arrivals.items() if n in self._seen)
 
     def idle_usage(self, seconds: float) -> tuple[float, float]:
-        """(resident MB, CPU % of one core) over `seconds` of idling."""
+        """(resident MB, CPU % of one core) over `seconds` of idling: the service and its decode workers."""
+        pids = [self.proc.pid, *_children(self.proc.pid)]
 
         def cpu_ticks() -> int:
-            fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-            return int(fields[11]) + int(fields[12])
+            return sum(_stat(pid)[10] + _stat(pid)[11] for pid in pids)  # utime + stime
 
         before, start = cpu_ticks(), time.perf_counter()
         time.sleep(seconds)
         used = (cpu_ticks() - before) / os.sysconf("SC_CLK_TCK")
-        rss = next(
+        rss = sum(
             int(line.split()[1])
-            for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines()
+            for pid in pids
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines()
             if line.startswith("VmRSS:")
         )
         return rss / 1024, 100 * used / (time.perf_counter() - start)
@@ -181,6 +188,21 @@ class _ServiceRun:
         self.proc.wait(30)
         self.observer.stop()
         self.observer.join()
+
+
+def _stat(pid: int) -> list[int]:
+    """The numeric fields of /proc/PID/stat after the command name (0: parent pid, 10 and 11: user and system CPU ticks)."""
+    return [int(f) for f in Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1:]]
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with suppress(OSError):
+                if _stat(int(entry.name))[0] == pid:
+                    kids.append(int(entry.name))
+    return kids
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -235,18 +257,17 @@ def main(argv: list[str] | None = None) -> int:
         path.read_bytes()  # into the page cache, so every measurement reads from memory alike
     config = configuration.load(None)
     config = configuration.Config(**{**config.__dict__, "checkpoint": args.checkpoint.resolve()})
-    checkpoint = ckpt.load(args.checkpoint)
+    checkpoint = ckpt.load(args.checkpoint, config.batch["precision"])
     torch.set_num_threads(config.batch["torch_threads"])
     cores = os.cpu_count() or 1
-    precision = config.batch["precision"]
     results: dict = {"files": len(files), "data": str(args.data), "cores": cores, "checkpoint": checkpoint.version}
-    results["bfloat16"] = uses_bfloat16(precision)
+    results["bfloat16"] = checkpoint.dtype == torch.bfloat16
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         results["decode_ceiling"] = decode_ceiling(files, checkpoint.spec, cores)
         for bs in (1, 32, 256):
-            results[f"forward_b{bs}"] = forward_throughput(checkpoint, bs, precision)
-        results["one_at_a_time"] = one_at_a_time(files[:500], checkpoint, precision)
+            results[f"forward_b{bs}"] = forward_throughput(checkpoint, bs)
+        results["one_at_a_time"] = one_at_a_time(files[:500], checkpoint)
         results["once"] = once_end_to_end(files, config, workdir)
         results["once_vs_decode"] = results["once"] / results["decode_ceiling"]
         results["once_vs_one_at_a_time"] = results["once"] / results["one_at_a_time"]

@@ -23,7 +23,7 @@ DEFAULTS: dict[str, Any] = {
     "results": "results/process_results.json",
     "journal": "results/journal.jsonl",
     "checkpoint": str(model.DEFAULT_CHECKPOINT),
-    "batch": {"max_size": 64, "max_wait_ms": 20, "decode_threads": 2, "torch_threads": 2, "precision": "auto"},
+    "batch": {"max_size": 64, "max_wait_ms": 20, "decode_processes": 2, "torch_threads": 1, "precision": "auto"},
     "intake": {"watch": True, "settle_seconds": 1.0, "rescan_seconds": 30.0, "max_file_bytes": 50 * 1024 * 1024},
     "rotation": {"max_bytes": 1024 * 1024},
     "reload": {"poll_seconds": 30.0},
@@ -34,7 +34,7 @@ CHOICES = {
     "logging.level": ("debug", "info", "warning", "error"),
     "logging.format": ("auto", "json", "console"),
 }
-POSITIVE = ("batch.max_size", "batch.decode_threads", "batch.torch_threads", "intake.max_file_bytes", "rotation.max_bytes")
+POSITIVE = ("batch.max_size", "batch.decode_processes", "batch.torch_threads", "intake.max_file_bytes", "rotation.max_bytes")
 
 
 class ConfigError(ValueError):

@@ -7,12 +7,12 @@ the inbox (see watcher.service).
 from __future__ import annotations
 
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 
 from model import checkpoint as ckpt
+from model.decode import DecodePool
 from model.files import write_json_atomic
 from model.inference import finish_batch, start_batch
 from model.progress import Progress
@@ -29,45 +29,44 @@ def candidate_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if not p.name.startswith(".") and not (p.is_dir() and not p.is_symlink()))
 
 
-def classify_folder(folder: Path, output: Path, config: Config) -> int:
+def classify_folder(folder: Path, output: Path, config: Config, pool: DecodePool) -> int:
     """Write {name: label} for every readable image in `folder` to `output`; 1 if any file failed."""
     logger = log.get()
-    checkpoint = ckpt.load(config.checkpoint)
+    checkpoint = ckpt.load(config.checkpoint, config.batch["precision"])
     torch.set_num_threads(config.batch["torch_threads"])
     files = candidate_files(folder)
     logger.info("once_start", folder=str(folder), files=len(files), checkpoint=checkpoint.version)
     results: dict[str, str] = {}
     failures = 0
     progress = Progress(len(files), "classifying")
-    size, max_bytes, precision = config.batch["max_size"], config.intake["max_file_bytes"], config.batch["precision"]
+    size, max_bytes = config.batch["max_size"], config.intake["max_file_bytes"]
     batches = [files[i : i + size] for i in range(0, len(files), size)]
-    with ThreadPoolExecutor(config.batch["decode_threads"]) as pool:
-        started = (start_batch(batch, checkpoint, pool, max_bytes) for batch in batches)
-        pending = next(started, None)
-        while pending is not None:
-            following = next(started, None)  # the next batch decodes while the model runs on this one
-            for outcome in finish_batch(pending, checkpoint, precision):
-                if outcome.prediction:
-                    results[outcome.path.name] = outcome.prediction.label
-                else:
-                    failures += 1
-                    logger.warning("failed", file=outcome.path.name, reason=outcome.error)
-            progress.advance(len(pending.paths))
-            pending = following
+    started = (start_batch(batch, checkpoint, pool, max_bytes) for batch in batches)
+    pending = next(started, None)
+    while pending is not None:
+        following = next(started, None)  # the next batch decodes while the model runs on this one
+        for outcome in finish_batch(pending, checkpoint, pool):
+            if outcome.prediction:
+                results[outcome.path.name] = outcome.prediction.label
+            else:
+                failures += 1
+                logger.warning("failed", file=outcome.path.name, reason=outcome.error)
+        progress.advance(len(pending.paths))
+        pending = following
     write_json_atomic(output, dict(sorted(results.items())))
     logger.info("once_done", classified=len(results), failed=failures, output=str(output))
     return 1 if failures else 0
 
 
-def drain_inbox(config: Config) -> int:
+def drain_inbox(config: Config, pool: DecodePool) -> int:
     """--once --move: the service's pipeline over the inbox, once. Files modified within the last
     `intake.settle_seconds` may still be being written and wait for the next pass."""
     logger = log.get()
     check_service_paths(config)
     torch.set_num_threads(config.batch["torch_threads"])
     failures = handled = 0
-    with inbox_lock(config.inbox), ThreadPoolExecutor(config.batch["decode_threads"]) as pool:
-        checkpoint = load_checked(config.checkpoint)
+    with inbox_lock(config.inbox):
+        checkpoint = load_checked(config.checkpoint, config.batch["precision"])
         store = open_store(config)
         try:
             now, settle = time.time(), config.intake["settle_seconds"]

@@ -1,5 +1,9 @@
 """One batch through the commit protocol: classify -> journal (durable) -> results -> moves.
 
+`start` submits a batch's decoding to the worker pool and returns at once; `commit` waits for
+it, classifies and commits. Splitting the two lets the service decode the next batch while it
+classifies and commits this one.
+
 Used by the service and by `--once --move`. Any exception from the journal, the results file or
 a move propagates: the caller stops, and the next start's `recover` completes the work.
 """
@@ -9,24 +13,33 @@ from __future__ import annotations
 import hashlib
 import os
 import time
-from concurrent.futures import Executor
 from datetime import UTC, datetime
 from pathlib import Path
 
 from model.checkpoint import Checkpoint
+from model.decode import DecodePool, PendingDecode
 from model.files import fsync_dir
-from model.inference import classify_batch
+from model.inference import finish_batch, start_batch
 from watcher import log
 from watcher.config import Config
 from watcher.moves import move_no_clobber, unique_name
 from watcher.results import ResultStore
 
 
-def process_batch(paths: list[Path], checkpoint: Checkpoint, pool: Executor, store: ResultStore, config: Config) -> list[dict]:
+def start(paths: list[Path], checkpoint: Checkpoint, pool: DecodePool, config: Config) -> PendingDecode:
+    return start_batch(paths, checkpoint, pool, config.intake["max_file_bytes"])
+
+
+def process_batch(paths: list[Path], checkpoint: Checkpoint, pool: DecodePool, store: ResultStore, config: Config) -> list[dict]:
     """Classify, commit and move one batch; return its journal records."""
+    return commit(start(paths, checkpoint, pool, config), checkpoint, pool, store, config)
+
+
+def commit(pending: PendingDecode, checkpoint: Checkpoint, pool: DecodePool, store: ResultStore, config: Config) -> list[dict]:
+    """Wait for a started batch's decoding, classify it, commit and move it; return its journal records."""
     logger = log.get()
     started = time.monotonic()
-    outcomes = classify_batch(paths, checkpoint, pool, config.intake["max_file_bytes"], config.batch["precision"])
+    outcomes = finish_batch(pending, checkpoint, pool)
     now = datetime.now(UTC).isoformat(timespec="milliseconds")
     taken = {config.done: set(store.current), config.failed: set()}
     records = []

@@ -28,15 +28,15 @@ def canary(checkpoint: ckpt.Checkpoint, serving: ckpt.Checkpoint | None) -> None
     spec = checkpoint.spec
     ramp = torch.linspace(-1.0, 1.0, spec.height * spec.width).view(1, 1, spec.height, spec.width).expand(2, 3, -1, -1)
     with torch.inference_mode():
-        out = checkpoint.model(ramp.contiguous(memory_format=torch.channels_last))
+        out = checkpoint.model(ramp.contiguous(memory_format=torch.channels_last).to(checkpoint.dtype))
     if out.shape != (2, len(checkpoint.class_names)) or not torch.isfinite(out).all():
         raise ckpt.CheckpointError(
             f"canary forward pass gave {tuple(out.shape)} {'finite' if torch.isfinite(out).all() else 'non-finite'} output"
         )
 
 
-def load_checked(path: Path, serving: ckpt.Checkpoint | None = None) -> ckpt.Checkpoint:
-    checkpoint = ckpt.load(path)
+def load_checked(path: Path, precision: str, serving: ckpt.Checkpoint | None = None) -> ckpt.Checkpoint:
+    checkpoint = ckpt.load(path, precision)
     try:
         canary(checkpoint, serving)
     except ckpt.CheckpointError as exc:
@@ -53,8 +53,8 @@ def _signature(path: Path) -> tuple[int, int, int] | None:
 
 
 class Reloader:
-    def __init__(self, path: Path, serving: ckpt.Checkpoint, wake: Callable[[], None] = lambda: None) -> None:
-        self.path, self.wake = path, wake
+    def __init__(self, path: Path, precision: str, serving: ckpt.Checkpoint, wake: Callable[[], None] = lambda: None) -> None:
+        self.path, self.precision, self.wake = path, precision, wake
         self.serving = serving
         self._loaded_signature = _signature(path)
         self._last_seen = self._loaded_signature
@@ -103,7 +103,7 @@ class Reloader:
 
     def _load(self) -> None:
         try:
-            self._result = load_checked(self.path, self.serving)
+            self._result = load_checked(self.path, self.precision, self.serving)
         except Exception as exc:  # anything wrong with the file is a refusal, never a crash
             self._result = exc
         self.wake()

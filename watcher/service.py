@@ -16,19 +16,17 @@ import select
 import signal
 import socket
 import time
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import torch
 
 from model import checkpoint as ckpt
-from model.inference import uses_bfloat16
-from watcher import log
+from model.decode import DecodePool, PendingDecode
+from watcher import log, pipeline
 from watcher.config import Config, check_service_paths
 from watcher.intake import Intake
 from watcher.notify import notify, watchdog_interval
-from watcher.pipeline import complete_moves, process_batch
 from watcher.reload import Reloader, load_checked
 from watcher.results import ResultStore
 
@@ -86,7 +84,7 @@ def inbox_lock(inbox: Path):
 def open_store(config: Config) -> ResultStore:
     """Recover the results and finish moves that a crash interrupted."""
     store = ResultStore(config.results, config.journal, config.rotation["max_bytes"])
-    moved = complete_moves(store.recover())
+    moved = pipeline.complete_moves(store.recover())
     if moved:
         log.get().info("recovered", moved=moved)
     return store
@@ -115,19 +113,19 @@ class Service:
         signal.signal(signal.SIGINT, self._on_stop)
         signal.signal(signal.SIGHUP, self._on_hup)
         torch.set_num_threads(config.batch["torch_threads"])
-        with inbox_lock(config.inbox), ThreadPoolExecutor(config.batch["decode_threads"]) as pool:
-            model = load_checked(config.checkpoint)
+        with inbox_lock(config.inbox), DecodePool(config.batch["decode_processes"]) as pool:
+            model = load_checked(config.checkpoint, config.batch["precision"])
             store = open_store(config)
             intake = Intake(config.inbox, config.intake["settle_seconds"], self.waker.wake)
             intake.start(watch=config.intake["watch"])
-            reloader = Reloader(config.checkpoint, model, self.waker.wake)
+            reloader = Reloader(config.checkpoint, config.batch["precision"], model, self.waker.wake)
             reloader.start_watching()
             self.log.info(
                 "start",
                 pid=os.getpid(),
                 inbox=str(config.inbox),
                 checkpoint=model.version,
-                precision="bfloat16" if uses_bfloat16(config.batch["precision"]) else "float32",
+                precision=str(model.dtype).removeprefix("torch."),
                 config=config.source,
             )
             notify(f"READY=1\nSTATUS=serving checkpoint {model.version}")
@@ -141,9 +139,7 @@ class Service:
         self.log.info("stop", signal=signal.Signals(self.stop_signal).name if self.stop_signal else None)
         return 0
 
-    def _loop(
-        self, intake: Intake, reloader: Reloader, store: ResultStore, pool: ThreadPoolExecutor, model: ckpt.Checkpoint
-    ) -> None:
+    def _loop(self, intake: Intake, reloader: Reloader, store: ResultStore, pool: DecodePool, model: ckpt.Checkpoint) -> None:
         config = self.config
         max_size, max_wait = config.batch["max_size"], config.batch["max_wait_ms"] / 1000
         ping_every = watchdog_interval()
@@ -152,6 +148,18 @@ class Service:
         next_ping = now
         pending: list[Path] = []
         first_pending_at = 0.0
+        # A batch whose decoding is under way, kept unfinished only while a full batch waits
+        # behind it: that one's decoding then overlaps this one's forward pass and commit.
+        in_flight: tuple[PendingDecode, ckpt.Checkpoint] | None = None
+
+        def finish_in_flight() -> None:
+            nonlocal in_flight
+            if in_flight is not None:
+                batch, checkpoint = in_flight
+                in_flight = None
+                pipeline.commit(batch, checkpoint, pool, store, config)
+                intake.release(batch.paths)
+
         while self.stop_signal is None:
             now = time.monotonic()
             if ping_every is not None and now >= next_ping:
@@ -184,8 +192,11 @@ class Service:
             if pending and (len(pending) >= max_size or now - first_pending_at >= max_wait):
                 batch, pending = pending[:max_size], pending[max_size:]
                 first_pending_at = now
-                process_batch(batch, model, pool, store, config)
-                intake.release(batch)
+                started = (pipeline.start(batch, model, pool, config), model)
+                finish_in_flight()
+                in_flight = started
+                if len(pending) < max_size:
+                    finish_in_flight()
                 continue
             deadlines = [next_rescan, next_reload_poll] + ([next_ping] if ping_every else [])
             if pending:
@@ -193,3 +204,4 @@ class Service:
             if intake.waiting():
                 deadlines.append(now + min(0.25, config.intake["settle_seconds"] / 2))
             self.waker.wait(min(deadlines) - time.monotonic())
+        finish_in_flight()  # the batch in hand is made durable before stopping

@@ -1,0 +1,227 @@
+"""Reading and decoding image files: the first half of the one preprocessing path.
+
+    bytes -> decode (JPEG draft mode) -> EXIF orientation -> RGB -> centre crop to the model's
+    aspect ratio -> resize to the model's input -> uint8 HWC array           (decode_image)
+
+`DecodePool` runs `decode_files` in worker processes for the service, `--once`, evaluation and
+training. This module is free of torch, so those workers start quickly and stay small;
+`model.preprocess` turns the arrays into model input.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import io
+import multiprocessing
+import os
+import signal
+import stat
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+# Refuse images with more pixels than this before decoding any of them (decompression bombs).
+MAX_PIXELS = 80_000_000
+# Transparent pixels are composited onto this colour.
+BACKGROUND = (255, 255, 255)
+DEFAULT_MAX_BYTES = 50 * 1024 * 1024
+CRASHED = "the decoder crashed on this file"
+
+
+class ImageError(ValueError):
+    """A file that cannot be turned into a model input; the message says why."""
+
+
+def read_image_bytes(path: str | Path, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
+    """Read a regular file, refusing symlinks, FIFOs, devices, folders and oversized files.
+
+    O_NOFOLLOW refuses a symlink at the last component; O_NONBLOCK keeps a FIFO from blocking
+    the open, and fstat then refuses it. Raises ImageError.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        if os.path.islink(path):
+            raise ImageError("is a symbolic link") from None
+        raise ImageError(f"cannot open: {exc.strerror}") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            kind = "folder" if stat.S_ISDIR(info.st_mode) else "FIFO" if stat.S_ISFIFO(info.st_mode) else "special file"
+            raise ImageError(f"is a {kind}, not a regular file")
+        if info.st_size > max_bytes:
+            raise ImageError(f"{info.st_size} bytes is over the limit of {max_bytes}")
+        chunks, total = [], 0
+        while chunk := os.read(fd, 1 << 20):
+            total += len(chunk)
+            if total > max_bytes:
+                raise ImageError(f"over the limit of {max_bytes} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
+    except OSError as exc:
+        raise ImageError(f"cannot read: {exc.strerror}") from None
+    finally:
+        os.close(fd)
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        # 16-bit and float greyscale: scale the real range into 8 bits instead of clipping at 255.
+        arr = np.asarray(img, dtype=np.float32)
+        top = float(arr.max()) if arr.size else 0.0
+        scale = 255.0 / top if top > 255.0 else 1.0
+        img = Image.fromarray(np.clip(arr * scale, 0, 255).astype(np.uint8), "L")
+    if img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        img = img.convert("RGBA")
+        background = Image.new("RGBA", img.size, (*BACKGROUND, 255))
+        img = Image.alpha_composite(background, img)
+    return img.convert("RGB") if img.mode != "RGB" else img
+
+
+def _centre_box(width: int, height: int, aspect: float) -> tuple[int, int, int, int]:
+    """The largest centred box of the given width/height ratio."""
+    if width / height > aspect:
+        w = round(height * aspect)
+        left = (width - w) // 2
+        return (left, 0, left + w, height)
+    h = round(width / aspect)
+    top = (height - h) // 2
+    return (0, top, width, top + h)
+
+
+def decode_image(data: bytes, height: int, width: int) -> np.ndarray:
+    """Decode image bytes into a uint8 RGB array of shape (height, width, 3). Raises ImageError."""
+    if not data:
+        raise ImageError("empty file")
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            if img.width * img.height > MAX_PIXELS:
+                raise ImageError(f"{img.width}x{img.height} pixels is over the limit of {MAX_PIXELS}")
+            # JPEG only: decode at 1/2, 1/4 or 1/8 scale while that still leaves >= 2x the target.
+            img.draft("RGB", (2 * max(height, width), 2 * max(height, width)))
+            img = ImageOps.exif_transpose(img)
+            img = _to_rgb(img)
+            box = _centre_box(img.width, img.height, width / height)
+            img = img.resize((width, height), Image.Resampling.BILINEAR, box=box, reducing_gap=2.0)
+            return np.array(img, dtype=np.uint8)  # a writable copy
+    except ImageError:
+        raise
+    except Image.UnidentifiedImageError:
+        raise ImageError("not an image (unrecognized format)") from None
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise ImageError(f"not a readable image: {exc}") from exc
+
+
+# One file's decoding result: (pixels, None, sha256 of the bytes) or (None, reason, sha256 if read).
+Decoded = tuple[np.ndarray | None, str | None, str | None]
+
+
+def decode_files(paths: list[Path], height: int, width: int, max_bytes: int = DEFAULT_MAX_BYTES) -> list[Decoded]:
+    """Read, hash and decode files; each failure is a reason, never an exception. Runs in a worker."""
+    decoded: list[Decoded] = []
+    for path in paths:
+        digest = None
+        try:
+            data = read_image_bytes(path, max_bytes)
+            digest = hashlib.sha256(data).hexdigest()
+            decoded.append((decode_image(data, height, width), None, digest))
+        except ImageError as exc:
+            decoded.append((None, str(exc), digest))
+    return decoded
+
+
+def _worker_setup(parent: int) -> None:
+    """In each worker: leave signals to the parent, which stops the pool itself once the batch in
+    hand is done, and have the kernel kill the worker when the parent dies (even by SIGKILL), so
+    no orphan outlives the service."""
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_IGN)
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(0)
+
+
+@dataclass
+class PendingDecode:
+    """Files whose decoding is under way: one task (a slice of the paths) per worker."""
+
+    paths: list[Path]
+    height: int
+    width: int
+    max_bytes: int
+    tasks: list[tuple[list[Path], Future]]
+
+
+class DecodePool:
+    """Worker processes that read, hash and decode files.
+
+    Processes, not threads: most of the per-image work holds the GIL, so threads barely add
+    up. Workers are spawned fresh (not forked from a process with live threads) and import only
+    this module. A worker that dies, e.g. a decoder crash on a hostile file, breaks the pool;
+    `wait` then starts a new one and retries that task's files one by one, so only the file
+    that kills a worker again fails (with CRASHED).
+    """
+
+    def __init__(self, workers: int) -> None:
+        self.workers = workers
+        self._executor = self._start()
+
+    def _start(self) -> ProcessPoolExecutor:
+        executor = ProcessPoolExecutor(
+            self.workers, multiprocessing.get_context("spawn"), initializer=_worker_setup, initargs=(os.getpid(),)
+        )
+        for future in [executor.submit(int) for _ in range(self.workers)]:
+            future.result()  # all workers up now, not during the first batch
+        return executor
+
+    def _submit(self, paths: list[Path], height: int, width: int, max_bytes: int) -> Future:
+        try:
+            return self._executor.submit(decode_files, paths, height, width, max_bytes)
+        except BrokenProcessPool:
+            self._restart()
+            return self._executor.submit(decode_files, paths, height, width, max_bytes)
+
+    def _restart(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        self._executor = self._start()
+
+    def start(self, paths: list[Path], height: int, width: int, max_bytes: int = DEFAULT_MAX_BYTES) -> PendingDecode:
+        """Submit the files, split evenly over the workers; returns at once."""
+        share = -(-len(paths) // self.workers) or 1
+        slices = [paths[i : i + share] for i in range(0, len(paths), share)]
+        return PendingDecode(paths, height, width, max_bytes, [(s, self._submit(s, height, width, max_bytes)) for s in slices])
+
+    def wait(self, pending: PendingDecode) -> list[Decoded]:
+        """The results of `start`, in the order of its paths."""
+        return [d for paths, future in pending.tasks for d in self._result(paths, future, pending)]
+
+    def _result(self, paths: list[Path], future: Future, pending: PendingDecode) -> list[Decoded]:
+        try:
+            return future.result()
+        except BrokenProcessPool:
+            self._restart()
+        decoded: list[Decoded] = []
+        for path in paths:  # one by one, so that only the file that kills a worker fails
+            try:
+                decoded += self._submit([path], pending.height, pending.width, pending.max_bytes).result()
+            except BrokenProcessPool:
+                self._restart()
+                decoded.append((None, CRASHED, None))
+        return decoded
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+    def __enter__(self) -> DecodePool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
