@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from model.files import write_atomic
-from model.network import ARCHITECTURES, fold_batchnorm
+from model.network import ARCHITECTURES, fuse_for_inference
 from model.precision import uses_bfloat16
 from model.preprocess import InputSpec
 
@@ -85,8 +85,8 @@ def save(
 
 def load(path: str | Path, precision: str = "auto") -> Checkpoint:
     """Read and validate a checkpoint, and make its model ready for inference at `precision`
-    (see model.precision): batch norms folded into the convolutions, weights cast to bfloat16
-    where that is fast. Raise CheckpointError saying what is wrong."""
+    (see model.precision): batch norms folded into the convolutions and ReLUs joined to them,
+    weights cast to bfloat16 where that is fast. Raise CheckpointError saying what is wrong."""
     path = Path(path)
 
     def fail(reason: str) -> CheckpointError:
@@ -131,5 +131,5 @@ def load(path: str | Path, precision: str = "auto") -> Checkpoint:
     if weights_hash(state) != str(payload["version"]).rsplit("-", 1)[-1]:
         raise fail("weights do not match the hash in its version id (damaged or edited)")
     dtype = torch.bfloat16 if uses_bfloat16(precision) else torch.float32
-    model = fold_batchnorm(model.eval()).to(dtype, memory_format=torch.channels_last)
+    model = fuse_for_inference(model.eval()).eval().to(dtype, memory_format=torch.channels_last)
     return Checkpoint(model, spec, class_names, str(payload["version"]), dict(payload["meta"]), dtype)

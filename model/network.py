@@ -45,15 +45,42 @@ class GenderNet(nn.Module):
         return self.head(self.features(x))
 
 
-def fold_batchnorm(model: nn.Module) -> nn.Module:
-    """Merge every BatchNorm2d into the Conv2d just before it in a Sequential (eval mode only).
+class ConvReLU(nn.Module):
+    """Inference only: a convolution and the ReLU after it, in one oneDNN call where torch has
+    that (x86 and ARM CPU builds): it saves a pass over the feature map that costs a third as
+    much as the convolution itself. Elsewhere, the plain two steps."""
 
-    The outputs stay the same up to rounding, and inference skips one pass over every feature map."""
-    for seq in [m for m in model.modules() if isinstance(m, nn.Sequential)]:
-        for i in range(len(seq) - 1):
-            if isinstance(seq[i], nn.Conv2d) and isinstance(seq[i + 1], nn.BatchNorm2d):
-                seq[i], seq[i + 1] = fuse_conv_bn_eval(seq[i], seq[i + 1]), nn.Identity()
-    return model
+    fused = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
+
+    def __init__(self, conv: nn.Conv2d) -> None:
+        super().__init__()
+        self.conv = conv
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c = self.conv
+        if self.fused and x.device.type == "cpu":
+            return torch.ops.mkldnn._convolution_pointwise(
+                x, c.weight, c.bias, c.padding, c.stride, c.dilation, c.groups, "relu", [], ""
+            )
+        return torch.relu(c(x))
+
+
+def fuse_for_inference(module: nn.Module) -> nn.Module:
+    """For inference (eval mode): fold each BatchNorm2d into the Conv2d before it, and join a
+    Conv2d with the ReLU after it. The outputs stay the same up to rounding."""
+    if isinstance(module, nn.Sequential):
+        layers: list[nn.Module] = []
+        for layer in (fuse_for_inference(m) for m in module):
+            if isinstance(layer, nn.BatchNorm2d) and layers and isinstance(layers[-1], nn.Conv2d):
+                layers[-1] = fuse_conv_bn_eval(layers[-1], layer)
+            elif isinstance(layer, nn.ReLU) and layers and isinstance(layers[-1], nn.Conv2d):
+                layers[-1] = ConvReLU(layers[-1])
+            else:
+                layers.append(layer)
+        return nn.Sequential(*layers)
+    for name, child in module.named_children():
+        setattr(module, name, fuse_for_inference(child))
+    return module
 
 
 # Checkpoints name their architecture; loading looks it up here, so adding a network is one entry.

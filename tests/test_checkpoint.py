@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from model import checkpoint as ckpt
-from model.network import GenderNet
+from model.network import ConvReLU, GenderNet
 from tests.conftest import TINY_ARCH, TINY_SPEC, make_tiny_checkpoint
 
 
@@ -19,11 +19,16 @@ def test_round_trip(tmp_path):
     loaded = ckpt.load(path, "float32")
     assert loaded.version == version and loaded.spec == TINY_SPEC and loaded.class_names == ["female", "male"]
     assert loaded.meta["test_accuracy"] == {"all": 0.9}
-    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in loaded.model.modules())  # folded for inference
+    assert not any(isinstance(m, (torch.nn.BatchNorm2d, torch.nn.ReLU)) for m in loaded.model.modules())  # fused
     x = torch.randn(3, 3, 32, 32)
     with torch.inference_mode():
         expected = model(x)
         assert torch.allclose(expected, loaded.model(x), atol=1e-5)
+        ConvReLU.fused = not ConvReLU.fused  # the other path: plain conv then ReLU, or the oneDNN call
+        try:
+            assert torch.allclose(expected, loaded.model(x), atol=1e-5)
+        finally:
+            ConvReLU.fused = not ConvReLU.fused
         in_bfloat16 = ckpt.load(path, "bfloat16")
         assert in_bfloat16.dtype == torch.bfloat16
         assert torch.allclose(expected, in_bfloat16.model(x.to(torch.bfloat16)).float(), atol=0.05)
