@@ -10,6 +10,7 @@ from model import checkpoint as ckpt
 from train.__main__ import main as train_main
 from train.data import find_labeled_images
 from train.evaluate import main as evaluate_main
+from train.metrics import equal_recall_threshold
 
 
 def make_faces(root, per_class=80, seed=0):
@@ -79,3 +80,12 @@ def test_missing_or_empty_class_folder_is_a_clear_error(tmp_path):
         find_labeled_images(tmp_path, ["female", "male"])
     with pytest.raises(SystemExit, match="does not exist"):
         find_labeled_images(tmp_path / "nowhere", ["female", "male"])
+
+
+def test_equal_recall_threshold():
+    # class 0 (female) scores spread to the right: at 0, recall is 2/4 for class 0 and 4/4 for class 1
+    margins = [-3.0, -2.0, 0.5, 1.5, 2.0, 3.0, 4.0, 5.0]
+    labels = [0, 0, 0, 0, 1, 1, 1, 1]
+    t = equal_recall_threshold(margins, labels)
+    assert 1.5 < t < 2.0  # both recalls 4/4
+    assert equal_recall_threshold([-1.0, 1.0], [0, 1]) == 0.0  # already equal: no shift

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from bisect import bisect_right
+from itertools import pairwise
+
 
 def confusion(truth: list[int], predicted: list[int], num_classes: int) -> list[list[int]]:
     """matrix[true][predicted] = count."""
@@ -34,3 +37,22 @@ def format_summary(title: str, summary: dict, class_names: list[str]) -> str:
     for name, row in zip(class_names, summary["confusion"], strict=True):
         lines.append("  " + f"{name:>{width}}" + "".join(f"{c:>{width}}" for c in row))
     return "\n".join(lines)
+
+
+def equal_recall_threshold(margins: list[float], labels: list[int]) -> float:
+    """Two classes scored by margin = logit(1) - logit(0), class 1 predicted when margin > t: the
+    t at which both classes have (as nearly as these examples allow) the same recall; of equally
+    good ones, the nearest to 0."""
+    neg = sorted(m for m, y in zip(margins, labels, strict=True) if y == 0)
+    pos = sorted(m for m, y in zip(margins, labels, strict=True) if y == 1)
+    if not neg or not pos:
+        return 0.0
+    values = sorted(set(margins))
+    candidates = [0.0] + [(a + b) / 2 for a, b in pairwise(values)]
+
+    def gap(t: float) -> tuple[float, float]:
+        recall_neg = bisect_right(neg, t) / len(neg)
+        recall_pos = 1 - bisect_right(pos, t) / len(pos)
+        return abs(recall_neg - recall_pos), abs(t)
+
+    return min(candidates, key=gap)
