@@ -165,8 +165,9 @@ class _ServiceRun:
     def latencies(self, arrivals: dict[str, float]) -> list[float]:
         return sorted(self._seen[n] - t for n, t in arrivals.items() if n in self._seen)
 
-    def idle_usage(self, seconds: float) -> tuple[float, float]:
-        """(resident MB, CPU % of one core) over `seconds` of idling: the service and its decode workers."""
+    def idle_usage(self, seconds: float) -> tuple[float, float, float]:
+        """(resident MB of the service and its helper processes, of the service alone, CPU % of one
+        core for all of them) over `seconds` of idling."""
         pids = [self.proc.pid, *_children(self.proc.pid)]
 
         def cpu_ticks() -> int:
@@ -175,13 +176,13 @@ class _ServiceRun:
         before, start = cpu_ticks(), time.perf_counter()
         time.sleep(seconds)
         used = (cpu_ticks() - before) / os.sysconf("SC_CLK_TCK")
-        rss = sum(
+        rss = [
             int(line.split()[1])
             for pid in pids
             for line in Path(f"/proc/{pid}/status").read_text().splitlines()
             if line.startswith("VmRSS:")
-        )
-        return rss / 1024, 100 * used / (time.perf_counter() - start)
+        ]
+        return sum(rss) / 1024, rss[0] / 1024, 100 * used / (time.perf_counter() - start)
 
     def close(self) -> None:
         self.proc.send_signal(signal.SIGTERM)
@@ -213,8 +214,8 @@ def bench_service(files: list[Path], checkpoint_path: Path, workdir: Path, stead
     run = _ServiceRun(workdir, checkpoint_path)
     try:
         out = {}
-        rss, cpu = run.idle_usage(10.0)
-        out["idle_rss_mb"], out["idle_cpu_percent"] = round(rss, 1), round(cpu, 2)
+        rss, main_rss, cpu = run.idle_usage(10.0)
+        out["idle_rss_mb"], out["idle_rss_main_mb"], out["idle_cpu_percent"] = round(rss, 1), round(main_rss, 1), round(cpu, 2)
         steady = files[: int(steady_rate * 10)]  # 10 s at the steady rate
         arrivals = run.feed(steady, steady_rate, "steady")
         run.wait(arrivals, 30)
@@ -286,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
         rows += [
             (f"service latency at {s['steady_rate']:.0f}/s, p50 / p99", f"{s['latency_p50_ms']} / {s['latency_p99_ms']} ms"),
             ("service sustained rate (no growing backlog)", f"{s['sustained_rate']:.0f} img/s"),
-            ("idle service resident memory", f"{s['idle_rss_mb']:.0f} MB"),
+            ("idle service resident memory, all / main process", f"{s['idle_rss_mb']:.0f} / {s['idle_rss_main_mb']:.0f} MB"),
             ("idle service CPU", f"{s['idle_cpu_percent']:.2f}% of a core"),
         ]
     width = max(len(r[0]) for r in rows)
