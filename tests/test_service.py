@@ -12,6 +12,7 @@ import pytest
 
 from tests.conftest import image_bytes, make_tiny_checkpoint
 from tests.service_harness import ServiceProcess, drop
+from watcher.bench import child_pids
 
 IMG = image_bytes()
 
@@ -178,3 +179,17 @@ def test_slowly_written_checkpoint_is_swapped_only_when_complete(service, tmp_pa
     assert {r["checkpoint"] for r in service.journal_records()} <= {first, new_version}
     assert all(r["status"] == "done" for r in service.journal_records())
     assert service.stop() == 0
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_decode_workers_do_not_outlive_the_service(service, sig):
+    service.start()
+    drop(service.inbox, "a.jpg", IMG)
+    service.wait_handled(1)
+    workers = child_pids(service.proc.pid)
+    assert len(workers) >= 2  # the decode processes (and multiprocessing's resource tracker)
+    service.stop(sig)
+    deadline = time.monotonic() + 10
+    while (alive := {p for p in workers if Path(f"/proc/{p}").exists()}) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not alive, f"left behind after {signal.Signals(sig).name}: {alive}"

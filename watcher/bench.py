@@ -168,7 +168,7 @@ class _ServiceRun:
     def idle_usage(self, seconds: float) -> tuple[float, float, float]:
         """(resident MB of the service and its helper processes, of the service alone, CPU % of one
         core for all of them) over `seconds` of idling."""
-        pids = [self.proc.pid, *_children(self.proc.pid)]
+        pids = [self.proc.pid, *child_pids(self.proc.pid)]
 
         def cpu_ticks() -> int:
             return sum(_stat(pid)[10] + _stat(pid)[11] for pid in pids)  # utime + stime
@@ -196,7 +196,7 @@ def _stat(pid: int) -> list[int]:
     return [int(f) for f in Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1:]]
 
 
-def _children(pid: int) -> list[int]:
+def child_pids(pid: int) -> list[int]:
     kids = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
