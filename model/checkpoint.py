@@ -38,7 +38,7 @@ class CheckpointError(ValueError):
 
 @dataclass
 class Checkpoint:
-    model: nn.Module  # ready for inference: eval mode, batch norms folded, weights in `dtype`
+    model: nn.Module  # ready for inference: eval mode, fused (model.network.fuse_for_inference), weights in `dtype`
     spec: InputSpec
     class_names: list[str]
     version: str

@@ -157,7 +157,7 @@ class PendingDecode:
     height: int
     width: int
     max_bytes: int
-    tasks: list[tuple[list[Path], Future]]
+    tasks: list[tuple[list[Path], Future, ProcessPoolExecutor]]
 
 
 class DecodePool:
@@ -182,38 +182,41 @@ class DecodePool:
             future.result()  # all workers up now, not during the first batch
         return executor
 
-    def _submit(self, paths: list[Path], height: int, width: int, max_bytes: int) -> Future:
+    def _submit(self, paths: list[Path], height: int, width: int, max_bytes: int) -> tuple[Future, ProcessPoolExecutor]:
         try:
-            return self._executor.submit(decode_files, paths, height, width, max_bytes)
+            return self._executor.submit(decode_files, paths, height, width, max_bytes), self._executor
         except BrokenProcessPool:
-            self._restart()
-            return self._executor.submit(decode_files, paths, height, width, max_bytes)
+            self._restart(self._executor)
+            return self._executor.submit(decode_files, paths, height, width, max_bytes), self._executor
 
-    def _restart(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)
-        self._executor = self._start()
+    def _restart(self, broken: ProcessPoolExecutor) -> None:
+        """Replace `broken` unless that happened already (tasks of one broken pool fail together)."""
+        if broken is self._executor:
+            broken.shutdown(wait=False, cancel_futures=True)
+            self._executor = self._start()
 
     def start(self, paths: list[Path], height: int, width: int, max_bytes: int = DEFAULT_MAX_BYTES) -> PendingDecode:
         """Submit the files, split evenly over the workers; returns at once."""
         share = -(-len(paths) // self.workers) or 1
         slices = [paths[i : i + share] for i in range(0, len(paths), share)]
-        return PendingDecode(paths, height, width, max_bytes, [(s, self._submit(s, height, width, max_bytes)) for s in slices])
+        return PendingDecode(paths, height, width, max_bytes, [(s, *self._submit(s, height, width, max_bytes)) for s in slices])
 
     def wait(self, pending: PendingDecode) -> list[Decoded]:
         """The results of `start`, in the order of its paths."""
-        return [d for paths, future in pending.tasks for d in self._result(paths, future, pending)]
+        return [d for task in pending.tasks for d in self._result(*task, pending)]
 
-    def _result(self, paths: list[Path], future: Future, pending: PendingDecode) -> list[Decoded]:
+    def _result(self, paths: list[Path], future: Future, executor: ProcessPoolExecutor, pending: PendingDecode) -> list[Decoded]:
         try:
             return future.result()
         except BrokenProcessPool:
-            self._restart()
+            self._restart(executor)
         decoded: list[Decoded] = []
         for path in paths:  # one by one, so that only the file that kills a worker fails
+            future, executor = self._submit([path], pending.height, pending.width, pending.max_bytes)
             try:
-                decoded += self._submit([path], pending.height, pending.width, pending.max_bytes).result()
+                decoded += future.result()
             except BrokenProcessPool:
-                self._restart()
+                self._restart(executor)
                 decoded.append((None, CRASHED, None))
         return decoded
 

@@ -5,7 +5,7 @@ import pytest
 from model import checkpoint as ckpt
 from model import decode
 from model.decode import CRASHED, DecodePool
-from model.inference import classify_batch
+from model.inference import classify_batch, finish_batch, start_batch
 from tests.conftest import image_bytes
 from tests.crashing_decode import decode_or_die
 
@@ -40,4 +40,8 @@ def test_a_file_that_kills_its_decoder_fails_alone(tmp_path, tiny_checkpoint, mo
     with DecodePool(2) as pool:
         outcomes = classify_batch([tmp_path / n for n in names], checkpoint, pool)
         assert [o.error for o in outcomes] == [CRASHED if n == "crash.jpg" else None for n in names]
-        assert classify_batch([tmp_path / "a.jpg"], checkpoint, pool)[0].prediction is not None  # the pool recovered
+        # a batch started behind the one with the crash (as --once and the service do) is unharmed
+        first = start_batch([tmp_path / n for n in names], checkpoint, pool)
+        second = start_batch([tmp_path / "a.jpg", tmp_path / "b.jpg"], checkpoint, pool)
+        assert [o.error for o in finish_batch(first, checkpoint, pool)] == [CRASHED if n == "crash.jpg" else None for n in names]
+        assert all(o.prediction for o in finish_batch(second, checkpoint, pool))

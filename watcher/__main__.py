@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     log.setup(config.logging["level"], config.logging["format"])
     logger = log.get()
-    # Imported here: they import torch, which would make --help and config errors slow.
+    # Imported here: they import torch (and PIL), which would make --help and config errors slow.
     from model.decode import DecodePool
     from watcher import once, service
 
