@@ -81,9 +81,9 @@ def evaluate(model: torch.nn.Module, data: Dataset, spec: InputSpec, precision: 
 
 def balance_recall(model: GenderNet, logits: torch.Tensor, labels: torch.Tensor) -> float:
     """Move the decision threshold to where both classes have the same recall on these (validation)
-    examples, by shifting the last layer's bias, so the checkpoint carries it. Training leaves the
-    model slightly readier to say "male": women make most errors in every split and development
-    set. Returns the shift of logit(male) - logit(female)."""
+    examples, by shifting the last layer's bias, so the checkpoint carries it and neither class is
+    favoured on in-domain faces (out of domain, most errors are already women called men). The
+    shift is small and can go either way. Returns it, in logit(male) - logit(female)."""
     shift = equal_recall_threshold((logits[:, 1] - logits[:, 0]).tolist(), labels.tolist())
     with torch.no_grad():
         model.head[-1].bias[1] -= shift
