@@ -25,7 +25,7 @@ from model.network import GenderNet
 from model.precision import autocast, uses_bfloat16
 from model.preprocess import InputSpec, normalize
 from model.progress import Progress
-from train.augment import augment
+from train.augment import augment, eyes_of
 from train.data import Dataset, find_labeled_images, load_dataset, source_of, split
 from train.metrics import equal_recall_threshold, format_summary, summarize
 from train.report import write_report
@@ -93,6 +93,7 @@ def balance_recall(model: GenderNet, logits: torch.Tensor, labels: torch.Tensor)
 def train_epoch(
     model,
     data: Dataset,
+    eyes: torch.Tensor,
     spec,
     optimizer,
     scheduler,
@@ -108,7 +109,8 @@ def train_epoch(
     loss_sum, correct, seen = 0.0, 0, 0
     for start in range(0, len(order) - batch_size + 1, batch_size):  # drop the ragged last batch (BatchNorm)
         idx = order[start : start + batch_size]
-        x, y = normalize(augment(data.images[idx], gen, strength), spec).to(_device(model)), data.labels[idx].to(_device(model))
+        x = normalize(augment(data.images[idx], gen, strength, eyes[idx]), spec).to(_device(model))
+        y = data.labels[idx].to(_device(model))
         with autocast(precision, x.device.type):
             logits = model(x).float()
         loss = F.cross_entropy(logits, y, label_smoothing=0.05)
@@ -151,12 +153,14 @@ def main(argv: list[str] | None = None) -> int:
     steps = args.epochs * (len(train_set.labels) // args.batch_size)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, total_steps=steps, pct_start=0.15)
     gen = torch.Generator().manual_seed(args.seed)
+    eyes = eyes_of(train_set.paths)
 
     history, best = [], None
     for epoch in range(1, args.epochs + 1):
         train_loss, train_acc = train_epoch(
             model,
             train_set,
+            eyes,
             spec,
             optimizer,
             scheduler,

@@ -2,20 +2,84 @@
 
 Makes the model robust to what real photos vary in: looser and tighter crops (scale, shift,
 aspect), small rotations, mirror images, lighting and colour, grey images, blur and low
-resolution, sensor noise and partial occlusion. Works on whole batches with tensor ops, so it
+resolution, sensor noise, partial occlusion, and glasses, which in the training faces go mostly
+with men (CelebA) while women with glasses are common elsewhere. Works on whole batches with tensor ops, so it
 costs little next to the forward pass.
 """
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from train.data import source_of
+
 
 def _uniform(n: int, low: float, high: float, gen: torch.Generator) -> torch.Tensor:
     return torch.rand(n, generator=gen) * (high - low) + low
+
+
+# Where the eyes are in the training images at the model input, by file-name source (train.data.
+# source_of): the height of the eye line and half the distance between the eyes, as fractions of
+# the image, read off each source's mean face. Images of other sources get DEFAULT_EYES.
+EYES = {"unprefixed": (0.34, 0.25), "aaf": (0.53, 0.125), "scut": (0.42, 0.15)}
+DEFAULT_EYES = (0.4, 0.2)
+
+
+def eyes_of(paths: list[Path]) -> torch.Tensor:
+    """(N, 2) eye positions for `augment`, from each file's source."""
+    return torch.tensor([EYES.get(source_of(p), DEFAULT_EYES) for p in paths]).view(len(paths), 2)
+
+
+def _glasses(x: torch.Tensor, eyes: torch.Tensor, gen: torch.Generator, s: float) -> torch.Tensor:
+    """Spectacles or sunglasses over the eyes of a quarter of the images, whatever their class:
+    oval or rounded-rectangle lenses, a frame of 1-3 pixels in black, brown or metal, a bridge,
+    short temple arms, and for some tinted lenses. `eyes` is (N, 2): eye line, half eye distance."""
+    n, _, h, w = x.shape
+    pick = torch.nonzero(torch.rand(n, generator=gen) < 0.25 * s).flatten()
+    k = len(pick)
+    if not k:
+        return x
+    col = lambda t: t.view(k, 1, 1)  # noqa: E731 - per-image values against the pixel grid
+    cy = col((eyes[pick, 0] + _uniform(k, -0.03, 0.03, gen)) * h)
+    half = col(eyes[pick, 1] * _uniform(k, 0.9, 1.1, gen) * w)
+    a = half * col(_uniform(k, 0.65, 0.9, gen))  # lens half-width, pixels
+    b = a * col(_uniform(k, 0.55, 0.85, gen))  # lens half-height
+    power = col(torch.where(torch.rand(k, generator=gen) < 0.5, 2.0, 4.0))  # oval or rounded rectangle
+    thick = (half * col(_uniform(k, 0.08, 0.2, gen))).clamp(min=1.0)
+    ys = (torch.arange(h) + 0.5).view(1, h, 1)
+    xs = (torch.arange(w) + 0.5).view(1, 1, w)
+
+    def band(distance: torch.Tensor) -> torch.Tensor:  # 1 within thick/2 of a line, fading over a pixel
+        return (thick / 2 + 0.5 - distance).clamp(0, 1)
+
+    frame, lens = torch.zeros(k, h, w), torch.zeros(k, h, w)
+    for side in (-1, 1):
+        cx = w / 2 + side * half
+        r = (((xs - cx).abs() / a) ** power + ((ys - cy).abs() / b) ** power) ** (1 / power)
+        frame = torch.maximum(frame, band((r - 1).abs() * (a * b).sqrt()))
+        lens = torch.maximum(lens, (r < 1).float())
+    bar = band((ys - (cy - 0.3 * b)).abs())
+    inner = (xs - w / 2).abs()
+    frame = torch.maximum(frame, bar * (inner < half - a + 0.5))  # the bridge
+    frame = torch.maximum(frame, bar * (inner > half + a - 0.5) * (inner < half + 1.6 * a))  # temple arms
+    shade = torch.rand(k, generator=gen)
+    colour = torch.where(  # black, brown or metal
+        col(shade < 0.6).unsqueeze(1),
+        torch.rand(k, 1, 1, 1, generator=gen) * 0.15,
+        torch.where(
+            col(shade < 0.8).unsqueeze(1),
+            torch.tensor([0.35, 0.22, 0.12]).view(1, 3, 1, 1) * _uniform(k, 0.5, 1.2, gen).view(k, 1, 1, 1),
+            _uniform(k, 0.5, 0.85, gen).view(k, 1, 1, 1).expand(k, 3, 1, 1),
+        ),
+    )
+    tint = col(torch.where(torch.rand(k, generator=gen) < 0.3, _uniform(k, 0.6, 0.95, gen), torch.zeros(k)))
+    alpha = torch.maximum(frame, lens * tint).unsqueeze(1)
+    x[pick] = x[pick] * (1 - alpha) + colour * alpha
+    return x
 
 
 def _geometry(x: torch.Tensor, gen: torch.Generator, s: float) -> torch.Tensor:
@@ -71,11 +135,14 @@ def _degrade(x: torch.Tensor, gen: torch.Generator, s: float) -> torch.Tensor:
     return x.clamp(0, 1)
 
 
-def augment(batch: torch.Tensor, gen: torch.Generator, strength: float = 1.0) -> torch.Tensor:
+def augment(batch: torch.Tensor, gen: torch.Generator, strength: float = 1.0, eyes: torch.Tensor | None = None) -> torch.Tensor:
     """uint8 (N, 3, H, W) -> augmented uint8 batch of the same shape, ready for `normalize`.
 
     `strength` scales every range and probability: 0 leaves only the mirror flips, 1 is the
-    default, larger values vary more."""
-    x = batch.float() / 255.0
+    default, larger values vary more. `eyes` (N, 2) places the glasses (see EYES); by default
+    every image gets DEFAULT_EYES."""
+    if eyes is None:
+        eyes = torch.tensor(DEFAULT_EYES).expand(len(batch), 2)
+    x = _glasses(batch.float() / 255.0, eyes, gen, strength)
     x = _degrade(_colour(_geometry(x, gen, strength), gen, strength), gen, strength)
     return (x * 255.0).round().to(torch.uint8)
