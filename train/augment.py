@@ -2,8 +2,8 @@
 
 Makes the model robust to what real photos vary in: looser and tighter crops (scale, shift,
 aspect), small rotations, mirror images, lighting and colour, grey images, blur and low
-resolution, sensor noise, partial occlusion, and glasses, which in the training faces go mostly
-with men (CelebA) while women with glasses are common elsewhere. Works on whole batches with tensor ops, so it
+resolution, sensor noise, partial occlusion, and glasses (in CelebA they go mostly with men,
+while women with glasses are common elsewhere). Works on whole batches with tensor ops, so it
 costs little next to the forward pass.
 """
 
@@ -43,7 +43,10 @@ def _glasses(x: torch.Tensor, eyes: torch.Tensor, gen: torch.Generator, s: float
     k = len(pick)
     if not k:
         return x
-    col = lambda t: t.view(k, 1, 1)  # noqa: E731 - per-image values against the pixel grid
+
+    def col(values: torch.Tensor) -> torch.Tensor:  # per-image values against the (k, h, w) pixel grid
+        return values.view(k, 1, 1)
+
     cy = col((eyes[pick, 0] + _uniform(k, -0.03, 0.03, gen)) * h)
     half = col(eyes[pick, 1] * _uniform(k, 0.9, 1.1, gen) * w)
     a = half * col(_uniform(k, 0.65, 0.9, gen))  # lens half-width, pixels
