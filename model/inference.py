@@ -13,7 +13,7 @@ import torch
 
 from model.checkpoint import Checkpoint
 from model.decode import DEFAULT_MAX_BYTES, DecodePool, PendingDecode
-from model.preprocess import normalize, to_tensor
+from model.preprocess import normalize, to_batch
 
 
 @dataclass(frozen=True)
@@ -32,12 +32,18 @@ class Outcome:
     sha256: str | None
 
 
+def model_input(checkpoint: Checkpoint, batch: torch.Tensor) -> torch.Tensor:
+    """uint8 (N, 3, H, W) -> what the checkpoint's model takes: normalized, channels-last, in the
+    float type of its weights."""
+    return normalize(batch, checkpoint.spec).to(checkpoint.dtype)
+
+
 @torch.inference_mode()
-def predict(checkpoint: Checkpoint, images: Sequence[torch.Tensor]) -> list[Prediction]:
-    """One forward pass over uint8 (3, H, W) images, in the float type of the checkpoint's weights."""
-    if not images:
+def predict(checkpoint: Checkpoint, batch: torch.Tensor) -> list[Prediction]:
+    """One forward pass over a uint8 (N, 3, H, W) batch."""
+    if not len(batch):
         return []
-    logits = checkpoint.model(normalize(torch.stack(list(images)), checkpoint.spec).to(checkpoint.dtype))
+    logits = checkpoint.model(model_input(checkpoint, batch))
     probs = torch.softmax(logits.float(), dim=1)
     best = probs.argmax(dim=1)
     return [Prediction(checkpoint.class_names[int(i)], round(float(p[i]), 4)) for i, p in zip(best, probs, strict=True)]
@@ -53,7 +59,8 @@ def start_batch(
 def finish_batch(pending: PendingDecode, checkpoint: Checkpoint, pool: DecodePool) -> list[Outcome]:
     """Wait for the decoding, then classify the readable images in one forward pass."""
     decoded = pool.wait(pending)
-    predictions = iter(predict(checkpoint, [to_tensor(pixels) for pixels, _, _ in decoded if pixels is not None]))
+    readable = [pixels for pixels, _, _ in decoded if pixels is not None]
+    predictions = iter(predict(checkpoint, to_batch(readable)) if readable else [])
     return [
         Outcome(path, next(predictions) if pixels is not None else None, error, digest)
         for path, (pixels, error, digest) in zip(pending.paths, decoded, strict=True)

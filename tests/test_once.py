@@ -11,23 +11,24 @@ def snapshot(folder):
     return {p.name: (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.iterdir()}
 
 
-def config_for(tmp_path, checkpoint):
+def config_for(tmp_path, checkpoint, **settings):
     path = tmp_path / "c.yaml"
-    path.write_text(yaml.safe_dump({"checkpoint": str(checkpoint), "logging": {"format": "json"}}))
+    path.write_text(yaml.safe_dump({"checkpoint": str(checkpoint), "logging": {"format": "json"}, **settings}))
     return path
 
 
 def test_all_classified_exit_0(tmp_path, tiny_checkpoint):
     photos = tmp_path / "photos"
     photos.mkdir()
-    for i in range(70):  # more than one batch
+    for i in range(70):  # 9 batches of 8: more than --once keeps in flight
         (photos / f"{i:06d}.jpg").write_bytes(image_bytes(colour=(i * 3, 100, 200 - i)))
     (photos / "x.png").write_bytes(image_bytes(fmt="PNG"))
     (photos / ".hidden.jpg").write_bytes(b"ignored")
     (photos / "sub").mkdir()
     before = snapshot(photos)
     out = tmp_path / "res.json"
-    proc = run_cli("--once", str(photos), "--output", str(out), "--config", str(config_for(tmp_path, tiny_checkpoint)))
+    config = config_for(tmp_path, tiny_checkpoint, batch={"max_size": 8})
+    proc = run_cli("--once", str(photos), "--output", str(out), "--config", str(config))
     assert proc.returncode == 0, proc.stderr
     results = json.loads(out.read_text())
     assert sorted(results) == sorted([f"{i:06d}.jpg" for i in range(70)] + ["x.png"])

@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from model.decode import MAX_PIXELS, ImageError
-from model.preprocess import InputSpec, load_image, normalize, preprocess
+from model.preprocess import InputSpec, load_image, normalize, preprocess, to_batch, to_tensor
 from tests.conftest import image_bytes
 
 H, W = 64, 64
@@ -112,3 +112,12 @@ def test_preprocess_is_load_then_normalize():
     expected = normalize(load_image(data, H, W).unsqueeze(0), spec)
     assert torch.equal(preprocess(data, spec), expected)
     assert expected.dtype == torch.float32 and expected.shape == (1, 3, H, W)
+
+
+def test_to_batch_stacks_without_changing_pixels_and_is_channels_last():
+    arrays = [np.random.default_rng(i).integers(0, 256, (H, W, 3), dtype=np.uint8) for i in range(3)]
+    batch = to_batch(arrays)
+    assert torch.equal(batch, torch.stack([to_tensor(a) for a in arrays]))
+    assert batch.is_contiguous(memory_format=torch.channels_last)
+    spec = InputSpec(H, W, (0.5, 0.4, 0.3), (0.2, 0.25, 0.3))
+    assert torch.equal(normalize(batch, spec), normalize(batch.contiguous(), spec))

@@ -32,7 +32,8 @@ from PIL import Image
 import model
 from model import checkpoint as ckpt
 from model.decode import DecodePool, read_image_bytes
-from model.preprocess import load_image, normalize
+from model.inference import model_input
+from model.preprocess import load_image
 from watcher import config as configuration
 from watcher import log
 from watcher.once import candidate_files, classify_folder
@@ -68,8 +69,7 @@ def decode_ceiling(files: list[Path], spec, workers: int) -> float:
 @torch.inference_mode()
 def forward_throughput(checkpoint, batch_size: int, seconds: float = 2.0) -> float:
     spec = checkpoint.spec
-    x = normalize(torch.randint(0, 256, (batch_size, 3, spec.height, spec.width), dtype=torch.uint8), spec)
-    x = x.to(checkpoint.dtype)
+    x = model_input(checkpoint, torch.randint(0, 256, (batch_size, 3, spec.height, spec.width), dtype=torch.uint8))
     checkpoint.model(x)
     count, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
@@ -88,7 +88,7 @@ def one_at_a_time(files: list[Path], checkpoint) -> float:
     for path in files:
         img = Image.open(path).convert("RGB").resize((spec.width, spec.height))
         x = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(spec.height, spec.width, 3).permute(2, 0, 1)
-        checkpoint.model(normalize(x.unsqueeze(0), spec).to(checkpoint.dtype))
+        checkpoint.model(model_input(checkpoint, x.unsqueeze(0)))
     rate = len(files) / (time.perf_counter() - start)
     torch.set_num_threads(threads)
     return rate

@@ -6,7 +6,10 @@ the inbox (see watcher.service).
 
 from __future__ import annotations
 
+import itertools
+import os
 import time
+from collections import deque
 from pathlib import Path
 
 import torch
@@ -23,10 +26,15 @@ from watcher.pipeline import process_batch
 from watcher.reload import load_checked
 from watcher.service import inbox_lock, open_store
 
+# Batches whose decoding is under way ahead of the one the model is on.
+LOOKAHEAD = 4
+
 
 def candidate_files(folder: Path) -> list[Path]:
     """Entries of `folder` that are meant as images: everything but hidden names and sub-folders."""
-    return sorted(p for p in folder.iterdir() if not p.name.startswith(".") and not (p.is_dir() and not p.is_symlink()))
+    with os.scandir(folder) as entries:  # the entries' types come with the listing: no stat per file
+        names = sorted(e.name for e in entries if not e.name.startswith(".") and not e.is_dir(follow_symlinks=False))
+    return [folder / name for name in names]
 
 
 def classify_folder(folder: Path, output: Path, config: Config, pool: DecodePool) -> int:
@@ -42,9 +50,12 @@ def classify_folder(folder: Path, output: Path, config: Config, pool: DecodePool
     size, max_bytes = config.batch["max_size"], config.intake["max_file_bytes"]
     batches = [files[i : i + size] for i in range(0, len(files), size)]
     started = (start_batch(batch, checkpoint, pool, max_bytes) for batch in batches)
-    pending = next(started, None)
-    while pending is not None:
-        following = next(started, None)  # the next batch decodes while the model runs on this one
+    # Later batches decode while the model runs on this one; several queued keep the decode
+    # workers busy whenever the model leaves a core free.
+    in_flight = deque(itertools.islice(started, LOOKAHEAD))
+    while in_flight:
+        pending = in_flight.popleft()
+        in_flight.extend(itertools.islice(started, 1))
         for outcome in finish_batch(pending, checkpoint, pool):
             if outcome.prediction:
                 results[outcome.path.name] = outcome.prediction.label
@@ -52,7 +63,6 @@ def classify_folder(folder: Path, output: Path, config: Config, pool: DecodePool
                 failures += 1
                 logger.warning("failed", file=outcome.path.name, reason=outcome.error)
         progress.advance(len(pending.paths))
-        pending = following
     write_json_atomic(output, dict(sorted(results.items())))
     logger.info("once_done", classified=len(results), failed=failures, output=str(output))
     return 1 if failures else 0

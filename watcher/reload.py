@@ -19,6 +19,7 @@ from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers.inotify import InotifyObserver
 
 from model import checkpoint as ckpt
+from model.inference import model_input
 
 
 def canary(checkpoint: ckpt.Checkpoint, serving: ckpt.Checkpoint | None) -> None:
@@ -26,9 +27,9 @@ def canary(checkpoint: ckpt.Checkpoint, serving: ckpt.Checkpoint | None) -> None
     if serving is not None and checkpoint.class_names != serving.class_names:
         raise ckpt.CheckpointError(f"class names {checkpoint.class_names} differ from the serving model's {serving.class_names}")
     spec = checkpoint.spec
-    ramp = torch.linspace(-1.0, 1.0, spec.height * spec.width).view(1, 1, spec.height, spec.width).expand(2, 3, -1, -1)
+    ramp = torch.linspace(0, 255, spec.height * spec.width).to(torch.uint8).view(1, 1, spec.height, spec.width)
     with torch.inference_mode():
-        out = checkpoint.model(ramp.contiguous(memory_format=torch.channels_last).to(checkpoint.dtype))
+        out = checkpoint.model(model_input(checkpoint, ramp.expand(2, 3, -1, -1)))
     if out.shape != (2, len(checkpoint.class_names)) or not torch.isfinite(out).all():
         raise ckpt.CheckpointError(
             f"canary forward pass gave {tuple(out.shape)} {'finite' if torch.isfinite(out).all() else 'non-finite'} output"
