@@ -47,14 +47,14 @@ def install(step: str, kind: str) -> None:
     results.ResultStore.commit = commit
 
     if step == "results_replace":
-        real = results.write_json_atomic
+        real = results.write_atomic
 
-        def replace(path, obj):
+        def replace(path, data):
             if armed["on"]:
                 fail(kind)
-            return real(path, obj)
+            return real(path, data)
 
-        results.write_json_atomic = replace
+        results.write_atomic = replace
     if step == "fsync":
         real_fsync = os.fsync
 

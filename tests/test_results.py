@@ -70,3 +70,18 @@ def test_rotation_interrupted_between_renames_is_finished(tmp_path):
     again = store_in(tmp_path, max_bytes=10)
     assert again.recover() == []
     assert numbered(s.journal, 1).exists() and json.loads(again.results.read_text()) == {}
+
+
+def test_results_file_is_the_indented_json_of_all_labels(tmp_path):
+    s = store_in(tmp_path, max_bytes=1 << 20)
+    s.recover()
+    expected = {}
+    batches = [[rec("a.jpg"), rec('q"uote\\.jpg', "male")], [], [rec("ünï çødé.png")], [rec("a.jpg", "male"), rec("b.jpg")]]
+    for batch in batches:  # the last one labels a.jpg again: its entry is replaced, not repeated
+        s.commit([*batch, {"key": "x.jpg", "status": "failed", "reason": "x"}])
+        expected |= {r["key"]: r["label"] for r in batch}
+        assert s.results.read_text() == json.dumps(expected, indent=1, ensure_ascii=False) + "\n"
+    s.close()
+    again = store_in(tmp_path, max_bytes=1 << 20)
+    again.recover()
+    assert again.results.read_text() == json.dumps(expected, indent=1, ensure_ascii=False) + "\n"

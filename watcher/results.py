@@ -1,7 +1,9 @@
 """The rolling results file and the append-only journal behind it.
 
 The journal (JSON lines, one record per handled file) is the source of truth; the results file
-{"name.jpg": "female", ...} is derived from it and rewritten atomically after each batch. When
+{"name.jpg": "female", ...} is derived from it and rewritten atomically after each batch (each
+entry is encoded once, when it is added, so a batch costs about the same whether the file is
+nearly empty or nearly full). When
 the results file reaches its size limit, both are renamed to numbered files (process_results.1.json
 and journal.1.jsonl, then .2, ...) and fresh ones begin. Commit order: see RELIABILITY.md.
 """
@@ -13,7 +15,7 @@ import os
 import re
 from pathlib import Path
 
-from model.files import fsync_dir, write_json_atomic
+from model.files import fsync_dir, write_atomic
 
 
 def numbered(path: Path, n: int) -> Path:
@@ -30,6 +32,7 @@ class ResultStore:
     def __init__(self, results: Path, journal: Path, max_bytes: int) -> None:
         self.results, self.journal, self.max_bytes = results, journal, max_bytes
         self.current: dict[str, str] = {}
+        self._entries = bytearray()  # self.current as the lines of the results file, without the braces
         self._journal_file = None
 
     def recover(self) -> list[dict]:
@@ -40,8 +43,8 @@ class ResultStore:
             os.rename(self.journal, numbered(self.journal, done[-1]))  # crash between the two renames
             fsync_dir(self.journal.parent)
         records = self._read_journal()
-        self.current = {r["key"]: r["label"] for r in records if r.get("label")}
-        write_json_atomic(self.results, self.current)
+        self.current, self._entries = {}, bytearray()
+        self._add({r["key"]: r["label"] for r in records if r.get("label")})
         self._journal_file = open(self.journal, "ab")  # noqa: SIM115 (kept open for appends)
         fsync_dir(self.journal.parent)
         return records
@@ -62,8 +65,17 @@ class ResultStore:
         self._journal_file.write(b"".join(json.dumps(r, ensure_ascii=False).encode() + b"\n" for r in records))
         self._journal_file.flush()
         os.fsync(self._journal_file.fileno())
-        self.current.update({r["key"]: r["label"] for r in records if r.get("label")})
-        write_json_atomic(self.results, self.current)
+        self._add({r["key"]: r["label"] for r in records if r.get("label")})
+
+    def _add(self, labels: dict[str, str]) -> None:
+        """Add labels and rewrite the results file: the bytes of json.dumps(current, indent=1)."""
+        if labels.keys() & self.current.keys():  # a name labelled again replaces its entry: encode all anew
+            self.current.update(labels)
+            self._entries = bytearray(_entry_lines(self.current))
+        elif labels:
+            self.current.update(labels)
+            self._entries += (b",\n" if self._entries else b"") + _entry_lines(labels)
+        write_atomic(self.results, b"{\n" + self._entries + b"\n}\n" if self._entries else b"{}\n")
 
     def rotate_if_full(self) -> int | None:
         """Roll both files over once the results file reaches max_bytes; returns the new number."""
@@ -75,8 +87,8 @@ class ResultStore:
         self._journal_file.close()
         os.rename(self.journal, numbered(self.journal, n))
         fsync_dir(self.journal.parent)
-        self.current = {}
-        write_json_atomic(self.results, {})
+        self.current, self._entries = {}, bytearray()
+        self._add({})
         self._journal_file = open(self.journal, "ab")  # noqa: SIM115
         return n
 
@@ -84,3 +96,9 @@ class ResultStore:
         if self._journal_file:
             self._journal_file.close()
             self._journal_file = None
+
+
+def _entry_lines(labels: dict[str, str]) -> bytes:
+    return ",\n".join(
+        f" {json.dumps(k, ensure_ascii=False)}: {json.dumps(v, ensure_ascii=False)}" for k, v in labels.items()
+    ).encode()
