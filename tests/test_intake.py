@@ -13,7 +13,7 @@ def test_waiting_names():
 def test_closed_hint_is_ready_at_once(tmp_path):
     intake = Intake(tmp_path, settle=5)
     (tmp_path / "a.jpg").write_bytes(b"x")
-    intake.hint(str(tmp_path / "a.jpg"), CLOSED)
+    intake.hint({"a.jpg": CLOSED})
     assert intake.take() == [tmp_path / "a.jpg"]
     assert intake.take() == []  # handed out once
 
@@ -61,15 +61,15 @@ def test_name_in_pipeline_is_looked_at_after_release(tmp_path):
     intake = Intake(tmp_path, settle=5)
     path = tmp_path / "a.jpg"
     path.write_bytes(b"x")
-    intake.hint(str(path), CLOSED)
+    intake.hint({"a.jpg": CLOSED})
     assert intake.take() == [path]
-    intake.hint(str(path), CLOSED)  # same name dropped again while the first is in the pipeline
+    intake.hint({"a.jpg": CLOSED})  # same name dropped again while the first is in the pipeline
     assert intake.take() == []
     intake.release([path])
     assert intake.take() == [path]
 
 
-def test_watchdog_events_wake_and_hint(tmp_path):
+def test_inotify_events_wake_and_hint(tmp_path):
     woken = []
     intake = Intake(tmp_path, settle=5, wake=lambda: woken.append(1))
     intake.start()
