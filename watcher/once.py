@@ -22,9 +22,12 @@ from model.progress import Progress
 from watcher import log
 from watcher.config import Config, check_service_paths
 from watcher.intake import is_waiting_name
-from watcher.pipeline import LOOKAHEAD, process_batch
+from watcher.pipeline import process_batch
 from watcher.reload import load_checked
 from watcher.service import inbox_lock, open_store
+
+# Batches whose decoding is under way ahead of the one the model is on.
+LOOKAHEAD = 4
 
 
 def candidate_files(folder: Path) -> list[Path]:
@@ -47,10 +50,12 @@ def classify_folder(folder: Path, output: Path, config: Config, pool: DecodePool
     size, max_bytes = config.batch["max_size"], config.intake["max_file_bytes"]
     batches = [files[i : i + size] for i in range(0, len(files), size)]
     started = (start_batch(batch, checkpoint, pool, max_bytes) for batch in batches)
+    # Later batches decode while the model runs on this one; several queued keep the decode
+    # workers busy whenever the model leaves a core free.
     in_flight = deque(itertools.islice(started, LOOKAHEAD))
     while in_flight:
-        in_flight.extend(itertools.islice(started, 1))
         pending = in_flight.popleft()
+        in_flight.extend(itertools.islice(started, 1))
         for outcome in finish_batch(pending, checkpoint, pool):
             if outcome.prediction:
                 results[outcome.path.name] = outcome.prediction.label

@@ -25,10 +25,6 @@ from watcher.config import Config
 from watcher.moves import move_no_clobber, unique_name
 from watcher.results import ResultStore
 
-# Batches decoding ahead of the one being classified and committed, where more are waiting
-# (--once, and the service under a backlog): the decode workers then never wait for the model.
-LOOKAHEAD = 3
-
 
 def start(paths: list[Path], checkpoint: Checkpoint, pool: DecodePool, config: Config) -> PendingDecode:
     return start_batch(paths, checkpoint, pool, config.intake["max_file_bytes"])

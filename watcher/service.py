@@ -16,7 +16,6 @@ import select
 import signal
 import socket
 import time
-from collections import deque
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
@@ -149,15 +148,17 @@ class Service:
         next_ping = now
         pending: list[Path] = []
         first_pending_at = 0.0
-        # Batches whose decoding is under way, oldest first. While full batches wait, up to
-        # pipeline.LOOKAHEAD of them decode while the oldest is classified and committed; once
-        # the backlog is gone, all are finished at once (no file waits for the next arrival).
-        in_flight: deque[tuple[PendingDecode, ckpt.Checkpoint]] = deque()
+        # A batch whose decoding is under way, kept unfinished only while a full batch waits
+        # behind it: that one's decoding then overlaps this one's forward pass and commit.
+        in_flight: tuple[PendingDecode, ckpt.Checkpoint] | None = None
 
-        def finish_oldest() -> None:
-            batch, checkpoint = in_flight.popleft()
-            pipeline.commit(batch, checkpoint, pool, store, config)
-            intake.release(batch.paths)
+        def finish_in_flight() -> None:
+            nonlocal in_flight
+            if in_flight is not None:
+                batch, checkpoint = in_flight
+                in_flight = None
+                pipeline.commit(batch, checkpoint, pool, store, config)
+                intake.release(batch.paths)
 
         while self.stop_signal is None:
             now = time.monotonic()
@@ -191,9 +192,11 @@ class Service:
             if pending and (len(pending) >= max_size or now - first_pending_at >= max_wait):
                 batch, pending = pending[:max_size], pending[max_size:]
                 first_pending_at = now
-                in_flight.append((pipeline.start(batch, model, pool, config), model))
-                while in_flight and (len(in_flight) > pipeline.LOOKAHEAD or len(pending) < max_size):
-                    finish_oldest()
+                started = (pipeline.start(batch, model, pool, config), model)
+                finish_in_flight()
+                in_flight = started
+                if len(pending) < max_size:
+                    finish_in_flight()
                 continue
             deadlines = [next_rescan, next_reload_poll] + ([next_ping] if ping_every else [])
             if pending:
@@ -201,5 +204,4 @@ class Service:
             if intake.waiting():
                 deadlines.append(now + min(0.25, config.intake["settle_seconds"] / 2))
             self.waker.wait(min(deadlines) - time.monotonic())
-        while in_flight:  # the batches in hand are made durable before stopping
-            finish_oldest()
+        finish_in_flight()  # the batch in hand is made durable before stopping
