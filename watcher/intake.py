@@ -3,16 +3,17 @@
 The directory listing is the truth; watch events are hints that make it fast. A file is ready:
 - on a close-after-write event or when renamed into the inbox (the writer is done), or
 - when its size and mtime are unchanged for `settle` seconds and its mtime is at least that old
-  (writers watchdog cannot see, lost events, files already there at start).
+  (writers inotify cannot see, lost events, files already there at start).
 Names that are hidden or temporary (.*, *.part, *.tmp, *~) wait until renamed. Sub-folders are
 left alone. Symlinks, FIFOs, sockets and devices are ready at once, without being opened: the
 pipeline quarantines them in failed/.
 
 The inbox is watched with inotify directly, not through watchdog's observer: asked only for
-close-after-write, moved-in and created, the kernel sends one event per arriving file and none for
-the service's own reads and moves out of the inbox, where watchdog's observer (every event type,
-three threads per event) took more CPU per file than the forward pass. The watch thread only
-records hints and calls `wake`; all decisions are made by the service's main loop through `take`.
+close-after-write, moved-in and created, the kernel sends one event per arriving file and none
+for the service's own reads and moves out of the inbox, where watchdog's observer (every event
+type, three threads per event) took almost as much CPU per file as the forward pass. The watch
+thread only records hints and calls `wake`; all decisions are made by the service's main loop
+through `take`.
 """
 
 from __future__ import annotations
