@@ -1,7 +1,19 @@
 import os
+import struct
 import time
 
-from watcher.intake import CLOSED, Intake, is_waiting_name
+from watcher.intake import (
+    CHANGED,
+    CLOSED,
+    IN_CLOSE_WRITE,
+    IN_CREATE,
+    IN_ISDIR,
+    IN_MOVED_TO,
+    IN_Q_OVERFLOW,
+    Intake,
+    is_waiting_name,
+    parse_events,
+)
 
 
 def test_waiting_names():
@@ -88,3 +100,21 @@ def test_inotify_events_wake_and_hint(tmp_path):
         assert sorted(got) == [tmp_path / "a.jpg", tmp_path / "b.jpg", tmp_path / "c.jpg"] and woken
     finally:
         intake.stop()
+
+
+def event(mask, name=b""):
+    padded = name + b"\0" * (-len(name) % 16 or (16 if name else 0))  # the kernel pads names with NULs
+    return struct.pack("iIII", 1, mask, 0, len(padded)) + padded
+
+
+def test_parse_events():
+    data = (
+        event(IN_CREATE, b"a.jpg")
+        + event(IN_CLOSE_WRITE, b"a.jpg")  # created and written in one read: closed
+        + event(IN_CREATE, "b\u00e9.jpg".encode())
+        + event(IN_MOVED_TO, b"c.jpg")
+        + event(IN_CLOSE_WRITE, b"c.jpg")
+        + event(IN_CREATE | IN_ISDIR, b"sub")
+    )
+    assert parse_events(data) == ({"a.jpg": CLOSED, "b\u00e9.jpg": CHANGED, "c.jpg": CLOSED}, False)
+    assert parse_events(event(IN_Q_OVERFLOW) + event(IN_MOVED_TO, b"d.jpg")) == ({"d.jpg": CLOSED}, True)

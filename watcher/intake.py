@@ -41,6 +41,21 @@ def is_waiting_name(name: str) -> bool:
     return name.startswith(".") or name.endswith(WAITING_SUFFIXES)
 
 
+def parse_events(data: bytes) -> tuple[dict[str, str], bool]:
+    """inotify events as read -> ({name: CLOSED or CHANGED}, whether the kernel dropped events).
+    Sub-folders are left out; a file both created and closed in one read is CLOSED."""
+    hints: dict[str, str] = {}
+    overflow, offset = False, 0
+    while offset < len(data):
+        _, mask, _, length = EVENT_HEADER.unpack_from(data, offset)
+        name = os.fsdecode(data[offset + EVENT_HEADER.size : offset + EVENT_HEADER.size + length].rstrip(b"\0"))
+        offset += EVENT_HEADER.size + length
+        overflow |= bool(mask & IN_Q_OVERFLOW)
+        if name and not mask & IN_ISDIR and hints.get(name) != CLOSED:
+            hints[name] = CHANGED if mask & IN_CREATE else CLOSED
+    return hints, overflow
+
+
 class InboxWatch:
     """A thread that reads the inbox's inotify events and passes them on as hints, one call per
     read: `on_hints({name: CLOSED or CHANGED})`, or `on_overflow()` when the kernel dropped events."""
@@ -62,18 +77,11 @@ class InboxWatch:
     def _run(self) -> None:
         while self._stop_r not in select.select([self._fd, self._stop_r], [], [])[0]:
             try:
-                data = os.read(self._fd, 1 << 16)
+                hints, overflow = parse_events(os.read(self._fd, 1 << 16))
             except BlockingIOError:
                 continue
-            hints, offset = {}, 0
-            while offset < len(data):
-                _, mask, _, length = EVENT_HEADER.unpack_from(data, offset)
-                name = data[offset + EVENT_HEADER.size : offset + EVENT_HEADER.size + length].rstrip(b"\0")
-                offset += EVENT_HEADER.size + length
-                if mask & IN_Q_OVERFLOW:
-                    self.on_overflow()
-                elif name and not mask & IN_ISDIR and hints.get(os.fsdecode(name)) != CLOSED:
-                    hints[os.fsdecode(name)] = CHANGED if mask & IN_CREATE else CLOSED
+            if overflow:
+                self.on_overflow()
             if hints:
                 self.on_hints(hints)
 
