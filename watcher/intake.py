@@ -26,7 +26,10 @@ import struct
 import threading
 import time
 from collections.abc import Callable
+from contextlib import suppress
 from pathlib import Path
+
+from watcher import log
 
 WAITING_SUFFIXES = (".part", ".tmp", "~")
 CLOSED, CHANGED = "closed", "changed"
@@ -75,21 +78,28 @@ class InboxWatch:
         self._thread.start()
 
     def _run(self) -> None:
-        while self._stop_r not in select.select([self._fd, self._stop_r], [], [])[0]:
-            try:
-                hints, overflow = parse_events(os.read(self._fd, 1 << 16))
-            except BlockingIOError:
-                continue
-            if overflow:
-                self.on_overflow()
-            if hints:
-                self.on_hints(hints)
+        """Until stopped. Owns the inotify descriptor and the pipe's read end, and closes them."""
+        try:
+            while self._stop_r not in select.select([self._fd, self._stop_r], [], [])[0]:
+                try:
+                    hints, overflow = parse_events(os.read(self._fd, 1 << 16))
+                    if overflow:
+                        self.on_overflow()
+                    if hints:
+                        self.on_hints(hints)
+                except BlockingIOError:
+                    continue
+                except Exception as exc:  # keep watching: the rescans cover what this pass missed
+                    log.get().error("inbox_watch_error", reason=f"{type(exc).__name__}: {exc}")
+        finally:
+            os.close(self._fd)
+            os.close(self._stop_r)
 
     def stop(self) -> None:
-        os.write(self._stop_w, b"!")
+        with suppress(OSError):  # the thread has ended already
+            os.write(self._stop_w, b"!")
         self._thread.join(timeout=5)
-        for fd in (self._fd, self._stop_r, self._stop_w):
-            os.close(fd)
+        os.close(self._stop_w)
 
 
 class Intake:

@@ -70,11 +70,10 @@ class ResultStore:
     def _add(self, labels: dict[str, str]) -> None:
         """Add labels and rewrite the results file: the bytes of json.dumps(current, indent=1)."""
         if labels.keys() & self.current.keys():  # a name labelled again replaces its entry: encode all anew
-            self.current.update(labels)
-            self._entries = bytearray(_entry_lines(self.current))
+            self._entries = bytearray(_entry_lines(self.current | labels))
         elif labels:
-            self.current.update(labels)
             self._entries += (b",\n" if self._entries else b"") + _entry_lines(labels)
+        self.current.update(labels)
         write_atomic(self.results, b"{\n" + self._entries + b"\n}\n" if self._entries else b"{}\n")
 
     def rotate_if_full(self) -> int | None:
