@@ -2,7 +2,7 @@
 
 import json
 
-from watcher.results import ResultStore, numbered
+from watcher.results import ResultStore, encode_results, numbered
 
 
 def rec(key, label="female"):
@@ -81,7 +81,9 @@ def test_results_file_is_the_indented_json_of_all_labels(tmp_path):
         s.commit([*batch, {"key": "x.jpg", "status": "failed", "reason": "x"}])
         expected |= {r["key"]: r["label"] for r in batch}
         assert s.results.read_text() == json.dumps(expected, indent=1, ensure_ascii=False) + "\n"
+        assert s.results.read_bytes() == encode_results(expected)  # the format --once writes
     s.close()
+    assert encode_results({}) == b"{}\n"
     again = store_in(tmp_path, max_bytes=1 << 20)
     again.recover()
     assert again.results.read_text() == json.dumps(expected, indent=1, ensure_ascii=False) + "\n"

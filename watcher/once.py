@@ -16,7 +16,7 @@ import torch
 
 from model import checkpoint as ckpt
 from model.decode import DecodePool
-from model.files import write_json_atomic
+from model.files import write_atomic
 from model.inference import finish_batch, start_batch
 from model.progress import Progress
 from watcher import log
@@ -24,6 +24,7 @@ from watcher.config import Config, check_service_paths
 from watcher.intake import is_waiting_name
 from watcher.pipeline import process_batch
 from watcher.reload import load_checked
+from watcher.results import encode_results
 from watcher.service import inbox_lock, open_store
 
 # Batches whose decoding is under way ahead of the one the model is on.
@@ -63,7 +64,7 @@ def classify_folder(folder: Path, output: Path, config: Config, pool: DecodePool
                 failures += 1
                 logger.warning("failed", file=outcome.path.name, reason=outcome.error)
         progress.advance(len(pending.paths))
-    write_json_atomic(output, dict(sorted(results.items())))
+    write_atomic(output, encode_results(dict(sorted(results.items()))))
     logger.info("once_done", classified=len(results), failed=failures, output=str(output))
     return 1 if failures else 0
 

@@ -1,11 +1,11 @@
 """The rolling results file and the append-only journal behind it.
 
 The journal (JSON lines, one record per handled file) is the source of truth; the results file
-{"name.jpg": "female", ...} is derived from it and rewritten atomically after each batch (each
+{"name.jpg": "female", ...} is derived from it and rewritten atomically after each batch. Each
 entry is encoded once, when it is added, so a batch costs about the same whether the file is
-nearly empty or nearly full). When
-the results file reaches its size limit, both are renamed to numbered files (process_results.1.json
-and journal.1.jsonl, then .2, ...) and fresh ones begin. Commit order: see RELIABILITY.md.
+nearly empty or nearly full. When the results file reaches its size limit, both are renamed to
+numbered files (process_results.1.json and journal.1.jsonl, then .2, ...) and fresh ones begin.
+Commit order: see RELIABILITY.md. `encode_results` is the file's format, also for `--once`.
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ class ResultStore:
         elif labels:
             self._entries += (b",\n" if self._entries else b"") + _entry_lines(labels)
         self.current.update(labels)
-        write_atomic(self.results, b"{\n" + self._entries + b"\n}\n" if self._entries else b"{}\n")
+        write_atomic(self.results, _enclose(self._entries))
 
     def rotate_if_full(self) -> int | None:
         """Roll both files over once the results file reaches max_bytes; returns the new number."""
@@ -95,6 +95,15 @@ class ResultStore:
         if self._journal_file:
             self._journal_file.close()
             self._journal_file = None
+
+
+def encode_results(labels: dict[str, str]) -> bytes:
+    """{name: label} as the results file holds it: json.dumps(labels, indent=1) and a newline."""
+    return _enclose(_entry_lines(labels))
+
+
+def _enclose(entries: bytes | bytearray) -> bytes:
+    return b"{\n" + entries + b"\n}\n" if entries else b"{}\n"
 
 
 def _entry_lines(labels: dict[str, str]) -> bytes:
