@@ -41,8 +41,6 @@ def model_input(checkpoint: Checkpoint, batch: torch.Tensor) -> torch.Tensor:
 @torch.inference_mode()
 def predict(checkpoint: Checkpoint, batch: torch.Tensor) -> list[Prediction]:
     """One forward pass over a uint8 (N, 3, H, W) batch."""
-    if not len(batch):
-        return []
     logits = checkpoint.model(model_input(checkpoint, batch))
     probs = torch.softmax(logits.float(), dim=1)
     best = probs.argmax(dim=1)

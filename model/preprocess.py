@@ -5,8 +5,9 @@
     uint8 HWC arrays -> one uint8 NCHW batch                                   (to_batch)
     uint8 NCHW batch -> float, scaled to [0, 1], minus mean, over std          (normalize)
 
-Training decodes each file once with `load_image` and caches the uint8 tensors; augmentation
-works on those, and evaluation and serving feed them to `normalize` unchanged. So what the
+Training decodes each file once (decode_image on the worker pool, then `to_batch`) and caches the
+uint8 batch; augmentation works on it, and evaluation and serving feed their batches to
+`normalize` unchanged. So what the
 model sees at serving time is exactly what it was validated on.
 """
 

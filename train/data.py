@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from model.decode import Decoded, DecodePool
-from model.preprocess import to_tensor
+from model.preprocess import to_batch
 from model.progress import Progress
 
 CHUNK = 512  # files per decoding task: few round trips, a smooth progress bar
@@ -68,9 +68,7 @@ def load_dataset(
             progress.advance(len(pending.paths))
     keep = [i for i, (pixels, _, _) in enumerate(decoded) if pixels is not None]
     skipped = [(items[i][0], str(error)) for i, (pixels, error, _) in enumerate(decoded) if pixels is None]
-    images = (
-        torch.stack([to_tensor(decoded[i][0]) for i in keep]) if keep else torch.empty(0, 3, height, width, dtype=torch.uint8)
-    )
+    images = to_batch([decoded[i][0] for i in keep]) if keep else torch.empty(0, 3, height, width, dtype=torch.uint8)
     labels = torch.tensor([items[i][1] for i in keep], dtype=torch.long)
     return Dataset(images, labels, [items[i][0] for i in keep]), skipped
 
