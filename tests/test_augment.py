@@ -1,10 +1,14 @@
-"""Training augmentation: shapes and ranges, and the glasses drawn over the eyes."""
+"""Training augmentation: shapes and ranges, faces moved to one spread of sizes, and the glasses
+drawn over the eyes."""
 
+import math
 from pathlib import Path
 
+import pytest
 import torch
 
-from train.augment import DEFAULT_EYES, EYES, _glasses, augment, eyes_of
+from train import augment as augment_module
+from train.augment import DEFAULT_EYES, EYES, OWN_ZOOM, TARGET_EYE_LINE, TARGET_HALF_EYES, _geometry, _glasses, augment, eyes_of
 
 
 def grey_batch(n: int = 8, size: int = 64) -> torch.Tensor:
@@ -22,6 +26,45 @@ def test_strength_zero_only_mirrors():
     out = augment(batch, torch.Generator().manual_seed(0), strength=0.0)
     for original, augmented in zip(batch, out, strict=True):
         assert torch.equal(augmented, original) or torch.equal(augmented, original.flip(2))
+
+
+def eye_spots(x: torch.Tensor) -> list[tuple[float, float, float]]:
+    """For each image with two bright spots, one each side of the middle: (x, y) of their
+    midpoint and half their distance, as fractions of the image."""
+    size = x.shape[-1]
+    ys, xs = ((torch.arange(size) + 0.5) / size).view(size, 1), ((torch.arange(size) + 0.5) / size).view(1, size)
+    found = []
+    for image in x[:, 0]:
+        (x0, y0), (x1, y1) = [
+            (float((w * xs).sum() / w.sum()), float((w * ys).sum() / w.sum())) for w in (image * (xs < 0.5), image * (xs >= 0.5))
+        ]
+        found.append(((x0 + x1) / 2, (y0 + y1) / 2, math.hypot(x1 - x0, y1 - y0) / 2))
+    return found
+
+
+@pytest.mark.parametrize("moved", [True, False])
+def test_geometry_spreads_every_source_over_the_same_face_sizes(monkeypatch, moved):
+    """A dot on each eye of tight (CelebA) and loose (AAF) faces. Moved images end up with their
+    eyes on the target eye line, half the target eye distance apart; the others keep their source's
+    eye line and zoom only by OWN_ZOOM."""
+    monkeypatch.setattr(augment_module, "MOVED_SHARE", 1.0 if moved else 0.0)
+    size, n = 128, 64
+    eyes = torch.tensor([EYES["unprefixed"]] * (n // 2) + [EYES["aaf"]] * (n // 2))
+    x = torch.zeros(n, 1, size, size)
+    for i, (line, half) in enumerate(eyes.tolist()):
+        for centre in (0.5 - half, 0.5 + half):
+            x[i, :, int(line * size) - 1 : int(line * size) + 2, int(centre * size) - 1 : int(centre * size) + 2] = 1.0
+    out = _geometry(x, torch.Generator().manual_seed(0), 1.0, eyes)
+    jitter, stretch = 0.04 + 1 / size, 1.11  # the random shift, and aspect changes of up to e^0.1
+    for (mid_x, mid_y, half), (line, source_half) in zip(eye_spots(out), eyes.tolist(), strict=True):
+        assert abs(mid_x - 0.5) < jitter
+        if moved:
+            assert TARGET_EYE_LINE[0] - jitter < mid_y < TARGET_EYE_LINE[1] + jitter
+            assert TARGET_HALF_EYES[0] / stretch - 1 / size < half < TARGET_HALF_EYES[1] * stretch + 1 / size
+        else:
+            assert abs(mid_y - line) < jitter
+            low, high = (source_half * math.exp(z) for z in OWN_ZOOM)
+            assert low / stretch - 1 / size < half < high * stretch + 1 / size
 
 
 def test_glasses_sit_on_the_eye_line():

@@ -85,9 +85,25 @@ def _glasses(x: torch.Tensor, eyes: torch.Tensor, gen: torch.Generator, s: float
     return x
 
 
-def _geometry(x: torch.Tensor, gen: torch.Generator, s: float) -> torch.Tensor:
+# Face size and height at the model input that training spreads every source over: half the eye
+# distance and the eye line, as fractions of the image. CelebA crops are tight and AAF/SCUT loose,
+# so without this the crop's scale tells the source apart and the model learns each source only at
+# its own scale (UTKFace women, tight like CelebA, are called men far more than when shown looser).
+TARGET_HALF_EYES = (0.12, 0.26)
+TARGET_EYE_LINE = (0.33, 0.5)
+# Share of the images moved there; the others keep their source's own scale, zoomed by OWN_ZOOM (log).
+MOVED_SHARE = 0.5
+OWN_ZOOM = (math.log(0.75), math.log(1.3))
+
+
+def _geometry(x: torch.Tensor, gen: torch.Generator, s: float, eyes: torch.Tensor) -> torch.Tensor:
     n = x.shape[0]
-    zoom = torch.exp(_uniform(n, s * math.log(0.75), s * math.log(1.3), gen))  # >1 tighter crop, <1 looser
+    low, high = (math.log(v) for v in TARGET_HALF_EYES)
+    moved = torch.rand(n, generator=gen) < MOVED_SHARE
+    zoom = torch.exp(  # >1 tighter crop, <1 looser
+        s * torch.where(moved, _uniform(n, low, high, gen) - eyes[:, 1].log(), _uniform(n, *OWN_ZOOM, gen))
+    )
+    eye_line = eyes[:, 0] + s * moved * (_uniform(n, *TARGET_EYE_LINE, gen) - eyes[:, 0])
     aspect = torch.exp(_uniform(n, -0.1 * s, 0.1 * s, gen))
     angle = _uniform(n, -15 * s, 15 * s, gen) * math.pi / 180
     flip = torch.where(torch.rand(n, generator=gen) < 0.5, -1.0, 1.0)
@@ -96,9 +112,14 @@ def _geometry(x: torch.Tensor, gen: torch.Generator, s: float) -> torch.Tensor:
     theta = torch.zeros(n, 2, 3)
     theta[:, 0, 0], theta[:, 0, 1] = cos * sx, -sin * sy
     theta[:, 1, 0], theta[:, 1, 1] = sin * sx, cos * sy
-    theta[:, :, 2] = _uniform(2 * n, -0.08 * s, 0.08 * s, gen).view(n, 2)
+    # theta maps output to input coordinates in [-1, 1]: the eyes' midpoint (0, source_y) lands on
+    # (target_x, target_y), the new eye line's middle shifted by up to 4 % of the image
+    target_x, target_y = _uniform(2 * n, -0.08 * s, 0.08 * s, gen).view(2, n) + torch.stack([torch.zeros(n), 2 * eye_line - 1])
+    theta[:, 0, 2] = -theta[:, 0, 0] * target_x - theta[:, 0, 1] * target_y
+    theta[:, 1, 2] = 2 * eyes[:, 0] - 1 - theta[:, 1, 0] * target_x - theta[:, 1, 1] * target_y
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+    # border, not reflection: zoomed out, a tight crop is extended by its edges, not by mirrored faces
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
 def _colour(x: torch.Tensor, gen: torch.Generator, s: float) -> torch.Tensor:
@@ -147,5 +168,5 @@ def augment(batch: torch.Tensor, gen: torch.Generator, strength: float = 1.0, ey
     if eyes is None:
         eyes = torch.tensor(DEFAULT_EYES).expand(len(batch), 2)
     x = _glasses(batch.float() / 255.0, eyes, gen, strength)
-    x = _degrade(_colour(_geometry(x, gen, strength), gen, strength), gen, strength)
+    x = _degrade(_colour(_geometry(x, gen, strength, eyes), gen, strength), gen, strength)
     return (x * 255.0).round().to(torch.uint8)
