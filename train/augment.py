@@ -91,18 +91,16 @@ def _glasses(x: torch.Tensor, eyes: torch.Tensor, gen: torch.Generator, s: float
 # its own scale (UTKFace women, tight like CelebA, are called men far more than when shown looser).
 TARGET_HALF_EYES = (0.12, 0.26)
 TARGET_EYE_LINE = (0.33, 0.5)
-# Share of the images moved there; the others keep their source's own scale, zoomed by OWN_ZOOM (log).
+# Share of the images moved there; the others keep their source's own scale, zoomed by OWN_ZOOM.
 MOVED_SHARE = 0.5
-OWN_ZOOM = (math.log(0.75), math.log(1.3))
+OWN_ZOOM = (0.75, 1.3)
 
 
 def _geometry(x: torch.Tensor, gen: torch.Generator, s: float, eyes: torch.Tensor) -> torch.Tensor:
     n = x.shape[0]
-    low, high = (math.log(v) for v in TARGET_HALF_EYES)
     moved = torch.rand(n, generator=gen) < MOVED_SHARE
-    zoom = torch.exp(  # >1 tighter crop, <1 looser
-        s * torch.where(moved, _uniform(n, low, high, gen) - eyes[:, 1].log(), _uniform(n, *OWN_ZOOM, gen))
-    )
+    to_target = _uniform(n, *map(math.log, TARGET_HALF_EYES), gen) - eyes[:, 1].log()
+    zoom = torch.exp(s * torch.where(moved, to_target, _uniform(n, *map(math.log, OWN_ZOOM), gen)))  # >1 tighter crop
     eye_line = eyes[:, 0] + s * moved * (_uniform(n, *TARGET_EYE_LINE, gen) - eyes[:, 0])
     aspect = torch.exp(_uniform(n, -0.1 * s, 0.1 * s, gen))
     angle = _uniform(n, -15 * s, 15 * s, gen) * math.pi / 180
@@ -163,8 +161,8 @@ def augment(batch: torch.Tensor, gen: torch.Generator, strength: float = 1.0, ey
     """uint8 (N, 3, H, W) -> augmented uint8 batch of the same shape, ready for `normalize`.
 
     `strength` scales every range and probability: 0 leaves only the mirror flips, 1 is the
-    default, larger values vary more. `eyes` (N, 2) places the glasses (see EYES); by default
-    every image gets DEFAULT_EYES."""
+    default, larger values vary more. `eyes` (N, 2) places the glasses and sets how far each face
+    is zoomed (see EYES); by default every image gets DEFAULT_EYES."""
     if eyes is None:
         eyes = torch.tensor(DEFAULT_EYES).expand(len(batch), 2)
     x = _glasses(batch.float() / 255.0, eyes, gen, strength)
