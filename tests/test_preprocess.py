@@ -121,3 +121,12 @@ def test_to_batch_stacks_without_changing_pixels_and_is_channels_last():
     assert batch.is_contiguous(memory_format=torch.channels_last)
     spec = InputSpec(H, W, (0.5, 0.4, 0.3), (0.2, 0.25, 0.3))
     assert torch.equal(normalize(batch, spec), normalize(batch.contiguous(), spec))
+
+
+def test_normalize_is_the_per_channel_formula_in_channels_last_memory():
+    spec = InputSpec(5, 7, (0.5, 0.4, 0.3), (0.2, 0.25, 0.3))
+    batch = torch.randint(0, 256, (2, 3, 5, 7), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    mean, std = torch.tensor(spec.mean).view(1, 3, 1, 1), torch.tensor(spec.std).view(1, 3, 1, 1)
+    out = normalize(batch, spec)
+    assert torch.allclose(out, (batch / 255.0 - mean) / std, atol=1e-5)
+    assert out.dtype == torch.float32 and out.is_contiguous(memory_format=torch.channels_last)
