@@ -40,7 +40,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--dev", type=Path, action="append", default=[], help="labeled folder to evaluate on after training (repeatable)"
     )
-    p.add_argument("--epochs", type=int, default=26)
+    p.add_argument("--epochs", type=int, default=34)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate of the one-cycle schedule")
     p.add_argument("--weight-decay", type=float, default=0.05)

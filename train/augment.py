@@ -4,8 +4,8 @@ Makes the model robust to what real photos vary in: looser and tighter crops (sc
 aspect), small rotations, mirror images, lighting and colour, grey images, blur and low
 resolution, sensor noise, partial occlusion, and glasses (in CelebA they go mostly with men,
 while women with glasses are common elsewhere). Half the faces of every source are moved to one
-spread of sizes, so that how tightly a source crops cannot stand in for the source itself. Works on whole batches with tensor ops, so it
-costs little next to the forward pass.
+spread of sizes, so that how tightly a source crops cannot stand in for the source itself.
+Works on whole batches with tensor ops, so it costs little next to the forward pass.
 """
 
 from __future__ import annotations
