@@ -7,8 +7,7 @@
 
 Training decodes each file once (decode_image on the worker pool, then `to_batch`) and caches the
 uint8 batch; augmentation works on it, and evaluation and serving feed their batches to
-`normalize` unchanged. So what the
-model sees at serving time is exactly what it was validated on.
+`normalize` unchanged. So what the model sees at serving time is exactly what it was validated on.
 """
 
 from __future__ import annotations
