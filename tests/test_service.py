@@ -12,7 +12,7 @@ import pytest
 
 from tests.conftest import image_bytes, make_tiny_checkpoint
 from tests.service_harness import ServiceProcess, drop
-from watcher.bench import child_pids
+from watcher.bench import child_pids, decode_worker_pids
 
 IMG = image_bytes()
 
@@ -193,3 +193,22 @@ def test_decode_workers_do_not_outlive_the_service(service, sig):
     while (alive := {p for p in workers if Path(f"/proc/{p}").exists()}) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not alive, f"left behind after {signal.Signals(sig).name}: {alive}"
+
+
+def test_idle_decode_workers_exit_and_the_next_file_starts_them(tmp_path, tiny_checkpoint):
+    svc = ServiceProcess(tmp_path, tiny_checkpoint, batch={"decode_idle_seconds": 1.0})
+    try:
+        svc.start()
+        assert len(decode_worker_pids(svc.proc.pid)) == 2
+        drop(svc.inbox, "a.jpg", IMG)
+        svc.wait_handled(1)
+        svc.wait_for(lambda: svc.events("decode_workers_stop"), 10, "decode_workers_stop")
+        svc.wait_for(lambda: not decode_worker_pids(svc.proc.pid), 10, "the decode processes to exit")
+        drop(svc.inbox, "b.jpg", IMG)
+        svc.wait_handled(2)
+        assert [e["processes"] for e in svc.events("decode_workers_start")] == [2]
+        assert len(decode_worker_pids(svc.proc.pid)) == 2
+        assert svc.stop() == 0
+        assert_exactly_once(svc, ["a.jpg", "b.jpg"])
+    finally:
+        svc.close()

@@ -6,8 +6,9 @@ Reports, in one run on this machine:
   3. one image at a time, the original script's way (open, resize, one forward pass per file)
   4. --once end to end (files on disk to results file written), and its ratios to 1 and 3
   5. the service: arrival-to-durable latency p50/p99 at a steady rate, and the highest rate it
-     sustains without a growing backlog
-  6. the idle service: resident memory and CPU use
+     sustains without a growing backlog; the latency of the first file after idling
+  6. the idle service: resident memory and CPU use, once its decode processes have stopped, and
+     its memory before that
 Prints a table and writes JSON (--json) so runs can be compared.
 """
 
@@ -107,6 +108,11 @@ def once_end_to_end(files: list[Path], config, workdir: Path) -> float:
         return len(files) / (time.perf_counter() - start)
 
 
+# The service under test stops its decode processes after this many idle seconds (the default
+# is 60), so that the idle memory is measured without them in seconds, not minutes.
+DECODE_IDLE_SECONDS = 3.0
+
+
 class _ServiceRun:
     """The real service on temporary folders. Arrival: a rename into the inbox. Durable: the file's
     line in the journal (written and fsynced before the file moves), read by a thread that polls
@@ -116,7 +122,10 @@ class _ServiceRun:
         self.root = workdir / "service"
         for name in ("inbox", "done", "failed", "results"):
             (self.root / name).mkdir(parents=True)
-        (self.root / "config.yaml").write_text(f"checkpoint: {checkpoint_path}\nlogging: {{format: json, level: warning}}\n")
+        (self.root / "config.yaml").write_text(
+            f"checkpoint: {checkpoint_path}\nlogging: {{format: json, level: warning}}\n"
+            f"batch: {{decode_idle_seconds: {DECODE_IDLE_SECONDS}}}\n"
+        )
         self.staging = workdir / "staging"
         self.staging.mkdir()
         env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
@@ -223,6 +232,11 @@ def child_pids(pid: int) -> list[int]:
     return kids
 
 
+def decode_worker_pids(pid: int) -> list[int]:
+    """The decode processes of the service `pid` (not multiprocessing's resource tracker)."""
+    return [p for p in child_pids(pid) if b"spawn_main" in Path(f"/proc/{p}/cmdline").read_bytes()]
+
+
 def cycle(files: list[Path], count: int) -> list[Path]:
     """`count` files, going round `files` again where it has fewer (each arrives under its own name)."""
     return [files[i % len(files)] for i in range(count)]
@@ -235,9 +249,15 @@ def percentile(values: list[float], q: float) -> float:
 def bench_service(files: list[Path], checkpoint_path: Path, workdir: Path, steady_rate: float, once_rate: float) -> dict:
     run = _ServiceRun(workdir, checkpoint_path)
     try:
-        out = {}
+        out = {"idle_rss_workers_up_mb": round(run.idle_usage(1.0)[0], 1)}
+        deadline = time.monotonic() + DECODE_IDLE_SECONDS + 10
+        while decode_worker_pids(run.proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
         rss, main_rss, cpu = run.idle_usage(10.0)
         out["idle_rss_mb"], out["idle_rss_main_mb"], out["idle_cpu_percent"] = round(rss, 1), round(main_rss, 1), round(cpu, 2)
+        arrivals = run.feed(files[:1], 1.0, "wake")  # the first file after idling starts the decode processes
+        run.wait(arrivals, 30)
+        out["wake_latency_ms"] = round(1000 * run.latencies(arrivals)[0], 1)
         steady = cycle(files, int(steady_rate * 10))  # 10 s at the steady rate
         arrivals = run.feed(steady, steady_rate, "steady")
         run.wait(arrivals, 30)
@@ -308,8 +328,10 @@ def main(argv: list[str] | None = None) -> int:
         s = results["service"]
         rows += [
             (f"service latency at {s['steady_rate']:.0f}/s, p50 / p99", f"{s['latency_p50_ms']} / {s['latency_p99_ms']} ms"),
+            ("service latency of the first file after idling", f"{s['wake_latency_ms']} ms"),
             ("service sustained rate (no growing backlog)", f"{s['sustained_rate']:.0f} img/s"),
             ("idle service resident memory, all / main process", f"{s['idle_rss_mb']:.0f} / {s['idle_rss_main_mb']:.0f} MB"),
+            ("  the same before its decode processes stop, all", f"{s['idle_rss_workers_up_mb']:.0f} MB"),
             ("idle service CPU", f"{s['idle_cpu_percent']:.2f}% of a core"),
         ]
     width = max(len(r[0]) for r in rows)

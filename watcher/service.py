@@ -5,7 +5,8 @@
 Signal handlers, the inbox watch thread and the reload thread only record what happened and wake
 the loop (a threading.Event); the loop then takes ready files, forms a batch (full, or the
 first file has waited `batch.max_wait_ms`), processes it, swaps in a reloaded model between
-batches, pings the systemd watchdog and rescans the inbox on schedule.
+batches, pings the systemd watchdog, rescans the inbox on schedule and stops the decode
+processes when no file has come for `batch.decode_idle_seconds`.
 """
 
 from __future__ import annotations
@@ -142,10 +143,11 @@ class Service:
     def _loop(self, intake: Intake, reloader: Reloader, store: ResultStore, pool: DecodePool, model: ckpt.Checkpoint) -> None:
         config = self.config
         max_size, max_wait = config.batch["max_size"], config.batch["max_wait_ms"] / 1000
+        decode_idle = config.batch["decode_idle_seconds"]
         ping_every = watchdog_interval()
         now = time.monotonic()
         next_rescan, next_reload_poll = now + config.intake["rescan_seconds"], now + config.reload["poll_seconds"]
-        next_ping = now
+        next_ping = last_batch_at = now
         pending: list[Path] = []
         first_pending_at = 0.0
         # A batch whose decoding is under way, kept unfinished only while a full batch waits
@@ -191,7 +193,9 @@ class Service:
             pending += ready
             if pending and (len(pending) >= max_size or now - first_pending_at >= max_wait):
                 batch, pending = pending[:max_size], pending[max_size:]
-                first_pending_at = now
+                first_pending_at = last_batch_at = now
+                if not pool.running:
+                    self.log.info("decode_workers_start", processes=pool.workers)
                 started = (pipeline.start(batch, model, pool, config), model)
                 finish_in_flight()
                 in_flight = started
@@ -199,6 +203,12 @@ class Service:
                     finish_in_flight()
                 continue
             deadlines = [next_rescan, next_reload_poll] + ([next_ping] if ping_every else [])
+            if decode_idle and pool.running and not pending:
+                if now - last_batch_at < decode_idle:
+                    deadlines.append(last_batch_at + decode_idle)
+                else:
+                    pool.stop_workers()
+                    self.log.info("decode_workers_stop", idle_seconds=decode_idle)
             if pending:
                 deadlines.append(first_pending_at + max_wait)
             if intake.waiting():
