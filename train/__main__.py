@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from model import PRECISIONS
 from model import checkpoint as ckpt
+from model.inference import mirror_averaged_logits
 from model.network import GenderNet
 from model.precision import autocast, uses_bfloat16
 from model.preprocess import InputSpec, normalize
@@ -64,12 +65,13 @@ def _device(model: torch.nn.Module) -> torch.device:
 
 @torch.inference_mode()
 def logits_of(model: torch.nn.Module, data: Dataset, spec: InputSpec, precision: str, batch_size: int = 512) -> torch.Tensor:
-    """The model's logits for every image, with exactly the serving preprocessing."""
+    """The model's logits for every image, with exactly the serving preprocessing and mirror averaging."""
     model.eval()
     chunks = [torch.empty(0, len(CLASS_NAMES))]
     for start in range(0, len(data.labels), batch_size):
+        x = normalize(data.images[start : start + batch_size], spec).to(_device(model))
         with autocast(precision, _device(model).type):
-            chunks.append(model(normalize(data.images[start : start + batch_size], spec).to(_device(model))).float().cpu())
+            chunks.append(mirror_averaged_logits(model, x).cpu())
     return torch.cat(chunks)
 
 
