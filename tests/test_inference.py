@@ -1,12 +1,14 @@
 """Batched classification on the decode worker pool, and the pool surviving a decoder crash."""
 
 import pytest
+import torch
+from torch import nn
 
 from model import checkpoint as ckpt
 from model import decode
 from model.decode import CRASHED, DecodePool
-from model.inference import classify_batch, finish_batch, start_batch
-from tests.conftest import image_bytes
+from model.inference import classify_batch, finish_batch, mirror_averaged_logits, model_input, predict, start_batch
+from tests.conftest import image_bytes, make_tiny_checkpoint
 from tests.crashing_decode import decode_or_die
 
 
@@ -45,3 +47,42 @@ def test_a_file_that_kills_its_decoder_fails_alone(tmp_path, tiny_checkpoint, mo
         second = start_batch([tmp_path / "a.jpg", tmp_path / "b.jpg"], checkpoint, pool)
         assert [o.error for o in finish_batch(first, checkpoint, pool)] == [CRASHED if n == "crash.jpg" else None for n in names]
         assert all(o.prediction for o in finish_batch(second, checkpoint, pool))
+
+
+class LeftRight(nn.Module):
+    """Logit margin (male - female) = the mean of channel 0 plus channel 1's left half minus its
+    right half: a symmetric part and one that the mirror image negates."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        half = x.shape[3] // 2
+        margin = x[:, 0].mean((1, 2)) + x[:, 1, :, :half].mean((1, 2)) - x[:, 1, :, half:].mean((1, 2))
+        return torch.stack([torch.zeros_like(margin), margin], dim=1)
+
+
+def test_close_answers_are_averaged_with_the_mirror_image_and_clear_ones_are_not():
+    symmetric, asymmetric = [0.5, 0.5, -3.0, 1.0], [3.0, 1.0, 0.5, -2.5]
+    x = torch.zeros(4, 2, 2, 4)
+    for i, (s, a) in enumerate(zip(symmetric, asymmetric, strict=True)):
+        x[i, 0] = s
+        x[i, 1, :, :2] = a
+    margins = mirror_averaged_logits(LeftRight(), x)[:, 1].tolist()
+    # 3.5 and -2.5 are clear (at least MIRROR_MARGIN, 2); 1.5 and -1.5 are close, and the mirror
+    # image (0.5 - 1.0, 1.0 + 2.5) takes them to the symmetric part: the last answer changes
+    assert margins == pytest.approx([3.5, 0.5, -2.5, 1.0])
+
+
+def test_a_face_and_its_mirror_image_get_the_same_answer(tmp_path):
+    make_tiny_checkpoint(tmp_path / "tiny.pt", head_scale=100.0)  # logits far enough apart to tell
+    checkpoint = ckpt.load(tmp_path / "tiny.pt")
+    spec = checkpoint.spec
+    batch = torch.randint(0, 256, (8, 3, spec.height, spec.width), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    x = model_input(checkpoint, batch)
+    with torch.inference_mode():
+        # the network alone answers differently for the mirror image ...
+        assert (checkpoint.model(x).float() - checkpoint.model(x.flip(3)).float()).abs().max() > 0.05
+        # ... the average over both views does not
+        averaged = mirror_averaged_logits(checkpoint.model, x)
+        torch.testing.assert_close(averaged, mirror_averaged_logits(checkpoint.model, x.flip(3)), atol=1e-3, rtol=0)
+    answers, mirrored = predict(checkpoint, batch), predict(checkpoint, batch.flip(3))
+    assert [a.label for a in answers] == [m.label for m in mirrored]
+    assert [a.probability for a in answers] == pytest.approx([m.probability for m in mirrored], abs=1e-3)
