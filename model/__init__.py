@@ -3,5 +3,7 @@
 from pathlib import Path
 
 DEFAULT_CHECKPOINT = Path(__file__).parent / "gender-watcher.pt"
-# Forward-pass precisions (see model.inference.uses_bfloat16); here, free of torch, for config checks.
+# Here, free of torch and PIL, for config checks: forward-pass precisions (see
+# model.precision.uses_bfloat16) and the default largest file taken (bytes).
 PRECISIONS = ("auto", "float32", "bfloat16")
+DEFAULT_MAX_BYTES = 50 * 1024 * 1024

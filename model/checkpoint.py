@@ -105,7 +105,7 @@ def load(path: str | Path, precision: str = "auto") -> Checkpoint:
         raise fail(f"missing keys {missing}")
     if payload["format"] != FORMAT:
         raise fail(f"format {payload['format']!r} is not {FORMAT!r}")
-    arch = ARCHITECTURES.get(payload["arch"])
+    arch = ARCHITECTURES.get(payload["arch"]) if isinstance(payload["arch"], str) else None
     if arch is None:
         raise fail(f"unknown architecture {payload['arch']!r} (known: {sorted(ARCHITECTURES)})")
     class_names = payload["class_names"]
@@ -119,8 +119,8 @@ def load(path: str | Path, precision: str = "auto") -> Checkpoint:
     if not (8 <= spec.height <= 1024 and 8 <= spec.width <= 1024) or min(spec.std) <= 0:
         raise fail(f"implausible input spec {spec}")
     state = payload["state_dict"]
-    if not isinstance(state, dict):
-        raise fail("state_dict is not a dict")
+    if not (isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values())):
+        raise fail("state_dict is not a dict of tensors")
     bad = [k for k, v in state.items() if torch.is_floating_point(v) and not torch.isfinite(v).all()]
     if bad:
         raise fail(f"non-finite values in {bad[:3]}")
@@ -130,6 +130,8 @@ def load(path: str | Path, precision: str = "auto") -> Checkpoint:
         raise fail(f"weights do not fit {payload['arch']}: {str(exc).splitlines()[0][:300]}") from None
     if weights_hash(state) != str(payload["version"]).rsplit("-", 1)[-1]:
         raise fail("weights do not match the hash in its version id (damaged or edited)")
+    if not isinstance(payload["meta"], dict):
+        raise fail(f"meta must be a dict, found {type(payload['meta']).__name__}")
     dtype = torch.bfloat16 if uses_bfloat16(precision) else torch.float32
     model = fuse_for_inference(model.eval()).eval().to(dtype, memory_format=torch.channels_last)
     return Checkpoint(model, spec, class_names, str(payload["version"]), dict(payload["meta"]), dtype)

@@ -25,11 +25,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
+from model import DEFAULT_MAX_BYTES
+
 # Refuse images with more pixels than this before decoding any of them (decompression bombs).
 MAX_PIXELS = 80_000_000
 # Transparent pixels are composited onto this colour.
 BACKGROUND = (255, 255, 255)
-DEFAULT_MAX_BYTES = 50 * 1024 * 1024
 CRASHED = "the decoder crashed on this file"
 
 
@@ -38,7 +39,7 @@ class ImageError(ValueError):
 
 
 def read_image_bytes(path: str | Path, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
-    """Read a regular file, refusing symlinks, FIFOs, devices, folders and oversized files.
+    """Read a regular file, refusing symlinks, FIFOs, sockets, devices, folders and oversized files.
 
     O_NOFOLLOW refuses a symlink at the last component; O_NONBLOCK keeps a FIFO from blocking
     the open, and fstat then refuses it. Raises ImageError.
@@ -46,8 +47,14 @@ def read_image_bytes(path: str | Path, max_bytes: int = DEFAULT_MAX_BYTES) -> by
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
-        if os.path.islink(path):
+        try:
+            mode = os.lstat(path).st_mode
+        except OSError:
+            mode = 0
+        if stat.S_ISLNK(mode):
             raise ImageError("is a symbolic link") from None
+        if stat.S_ISSOCK(mode):
+            raise ImageError("is a socket, not a regular file") from None
         raise ImageError(f"cannot open: {exc.strerror}") from None
     try:
         info = os.fstat(fd)

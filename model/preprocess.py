@@ -66,8 +66,3 @@ def normalize(batch: torch.Tensor, spec: InputSpec) -> torch.Tensor:
     pixels = batch.permute(0, 2, 3, 1).reshape(n, height * width * channels).float()
     normalized = torch.addcmul(shift.repeat(height * width), pixels, scale.repeat(height * width))
     return normalized.view(n, height, width, channels).permute(0, 3, 1, 2)
-
-
-def preprocess(data: bytes, spec: InputSpec) -> torch.Tensor:
-    """Image bytes -> the normalized (1, 3, H, W) model input: load_image then normalize."""
-    return normalize(load_image(data, spec.height, spec.width).unsqueeze(0), spec)

@@ -92,6 +92,16 @@ def test_wrong_format_and_arch(good):
     _refused(good, "unknown architecture")
 
 
+def test_values_of_the_wrong_type(good):
+    payload = _payload(good)
+    torch.save(payload | {"arch": ["GenderNet"]}, good)
+    _refused(good, "unknown architecture")
+    torch.save(payload | {"state_dict": payload["state_dict"] | {"extra": 3}}, good)
+    _refused(good, "not a dict of tensors")
+    torch.save(payload | {"meta": [1, 2]}, good)
+    _refused(good, "meta must be a dict")
+
+
 def test_weights_of_another_shape(good):
     payload = _payload(good)
     payload["arch_args"] = {"stem_width": 4, "widths": [8, 16]}

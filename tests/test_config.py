@@ -45,6 +45,8 @@ def test_relative_paths_resolve_against_the_config_folder(tmp_path):
         ("batch: {max_size: true}\n", "batch.max_size"),
         ("batch: 3\n", "batch"),
         ("intake: {settle_seconds: -1}\n", "intake.settle_seconds"),
+        ("intake: {rescan_seconds: 0}\n", "intake.rescan_seconds"),  # would make the main loop spin
+        ("reload: {poll_seconds: 0}\n", "reload.poll_seconds"),
         ("logging: {level: loud}\n", "logging.level"),
         ("rotation: {max_bytes: 1, keep: 3}\n", "rotation.keep"),
         ("inbox: 5\n", "inbox"),

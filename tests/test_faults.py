@@ -40,7 +40,7 @@ def test_fault_then_rerun_completes(tmp_path, checkpoint, step, kind):
     args = ["--config", str(config), "--once", str(tmp_path / "inbox"), "--move"]
 
     broken = run(args, fault=[step, kind])
-    expected = 70 if kind == "exit" else 1
+    expected = 70 if kind == "exit" else 3
     assert broken.returncode == expected, broken.stderr[-2000:]
     if kind != "exit":
         fatal = [json.loads(line) for line in broken.stderr.splitlines() if '"fatal"' in line]

@@ -4,6 +4,7 @@ reason, the service stays up, memory stays bounded, nothing outside its folders 
 import io
 import os
 import random
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -82,9 +83,12 @@ def test_hostile_corpus(tmp_path, tiny_checkpoint):
         os.symlink("/etc/passwd", svc.inbox / "passwd.jpg")
         os.symlink(outside, svc.inbox / "link-to-photo.jpg")
         os.mkfifo(svc.inbox / "fifo.jpg")
+        sock = socket.socket(socket.AF_UNIX)
+        sock.bind(str(svc.inbox / "sock.jpg"))
+        drop(svc.inbox, os.fsdecode(b"caf\xe9.jpg"), image_bytes())  # a name that is not valid UTF-8
         (svc.inbox / "x.jpg").mkdir()
-        must_fail |= {"passwd.jpg", "link-to-photo.jpg", "fifo.jpg"}
-        total = len(corpus) + 3
+        must_fail |= {"passwd.jpg", "link-to-photo.jpg", "fifo.jpg", "sock.jpg"}
+        total = len(corpus) + 5
         svc.wait_handled(total, timeout=60)
         drop(svc.inbox, "after.jpg", image_bytes())  # still answering
         svc.wait_handled(total + 1, timeout=30)
@@ -98,11 +102,12 @@ def test_hostile_corpus(tmp_path, tiny_checkpoint):
         logged = {e["file"] for e in svc.events("failed")}
         assert logged == must_fail
         assert "over the limit" in records["too-big.jpg"]["reason"] and "over the limit" in records["bomb.png"]["reason"]
+        assert records["sock.jpg"]["reason"] == "is a socket, not a regular file"
         assert set(os.listdir(svc.failed)) == must_fail
         assert os.path.islink(svc.failed / "passwd.jpg")  # the link itself was moved, never followed
         assert (svc.inbox / "x.jpg").is_dir() and outside.exists()
         assert Path("/etc/passwd").read_bytes() == passwd
-        assert len(os.listdir(svc.done)) == len(corpus) - len(must_fail & set(corpus)) + 1
+        assert len(os.listdir(svc.done)) == len(corpus) - len(must_fail & set(corpus)) + 2
         assert svc.stop() == 0
     finally:
         svc.close()

@@ -1,8 +1,10 @@
+import hashlib
 import os
 
 import pytest
 
 from watcher.moves import move_no_clobber, unique_name
+from watcher.pipeline import complete_moves
 
 
 def test_unique_name(tmp_path):
@@ -22,6 +24,22 @@ def test_unique_name_stays_within_name_max(tmp_path):
     (tmp_path / other).write_text("x")
 
 
+def test_unique_name_with_a_long_extension(tmp_path):
+    name = "a." + "x" * 253  # 255 bytes, nearly all extension
+    (tmp_path / name).write_text("x")
+    other = unique_name(tmp_path, name)
+    assert len(other.encode()) <= 255 and other.endswith("__2")
+    (tmp_path / other).write_text("x")
+
+
+def test_unique_name_of_a_name_that_is_not_utf8(tmp_path):
+    name = os.fsdecode(b"caf\xe9" * 60 + b".jpg")  # 244 bytes, not valid UTF-8
+    (tmp_path / name).write_text("x")
+    other = unique_name(tmp_path, name)
+    assert len(os.fsencode(other)) <= 255 and other.endswith("__2.jpg")
+    (tmp_path / other).write_text("x")
+
+
 def test_move_never_overwrites(tmp_path):
     (tmp_path / "a").write_text("new")
     (tmp_path / "b").write_text("old")
@@ -38,3 +56,21 @@ def test_moves_symlinks_and_fifos_themselves(tmp_path):
     move_no_clobber(tmp_path / "link.jpg", tmp_path / "moved-link")
     move_no_clobber(tmp_path / "pipe.jpg", tmp_path / "moved-pipe")
     assert os.readlink(tmp_path / "moved-link") == "/etc/passwd"
+
+
+def test_recovery_moves_only_the_file_the_journal_recorded(tmp_path):
+    inbox, done = tmp_path / "inbox", tmp_path / "done"
+    inbox.mkdir()
+    done.mkdir()
+    (inbox / "same.jpg").write_bytes(b"recorded bytes")
+    (inbox / "other.jpg").write_bytes(b"new bytes under a recorded name")
+    os.symlink("/etc/passwd", inbox / "link.jpg")
+    (inbox / "was-link.jpg").write_bytes(b"a readable file where a symlink was recorded")
+    digest = hashlib.sha256(b"recorded bytes").hexdigest()
+    records = [
+        {"source": str(inbox / name), "dest": str(done / name), "sha256": sha}
+        for name, sha in [("same.jpg", digest), ("other.jpg", digest), ("link.jpg", None), ("was-link.jpg", None)]
+    ]
+    assert complete_moves(records) == 2
+    assert sorted(os.listdir(done)) == ["link.jpg", "same.jpg"]
+    assert sorted(os.listdir(inbox)) == ["other.jpg", "was-link.jpg"]  # left for intake to take as new files

@@ -1,10 +1,11 @@
 """`python -m watcher --once DIR`: output format, exit codes, and DIR left untouched."""
 
 import json
+import os
 
 import yaml
 
-from tests.conftest import image_bytes, run_cli
+from tests.conftest import image_bytes, run_cli, write_config
 
 
 def snapshot(folder):
@@ -51,6 +52,29 @@ def test_unreadable_files_are_reported_and_exit_1(tmp_path, tiny_checkpoint):
     assert all(f["reason"] for f in failures)
 
 
+def test_a_name_that_is_not_utf8_is_classified(tmp_path, tiny_checkpoint):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / os.fsdecode(b"caf\xe9.jpg")).write_bytes(image_bytes())
+    out = tmp_path / "res.json"
+    proc = run_cli("--once", str(photos), "--output", str(out), "--config", str(config_for(tmp_path, tiny_checkpoint)))
+    assert proc.returncode == 0, proc.stderr
+    assert list(json.loads(out.read_bytes())) == [os.fsdecode(b"caf\xe9.jpg")]
+
+
+def test_move_pass_takes_a_name_that_is_not_utf8(tmp_path, tiny_checkpoint):
+    config = write_config(tmp_path, tiny_checkpoint, intake={"settle_seconds": 0.0})
+    name = os.fsdecode(b"caf\xe9.jpg")
+    (tmp_path / "inbox" / name).write_bytes(image_bytes())
+    (tmp_path / "inbox" / "ok.jpg").write_bytes(image_bytes())
+    proc = run_cli("--config", str(config), "--once", str(tmp_path / "inbox"), "--move")
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(os.listdir(tmp_path / "done")) == sorted([name, "ok.jpg"])
+    records = [json.loads(line) for line in (tmp_path / "results" / "journal.jsonl").read_bytes().splitlines()]
+    assert sorted(os.fsencode(r["dest"]) for r in records) == sorted(os.fsencode(tmp_path / "done" / n) for n in (name, "ok.jpg"))
+    assert set(json.loads((tmp_path / "results" / "process_results.json").read_bytes())) == {name, "ok.jpg"}
+
+
 def test_default_output_is_process_results_json_in_the_current_folder(tmp_path, tiny_checkpoint):
     photos = tmp_path / "photos"
     photos.mkdir()
@@ -71,3 +95,5 @@ def test_usage_and_config_errors_exit_2(tmp_path, tiny_checkpoint):
     broken.write_bytes(b"PK\x03\x04 truncated")
     proc = run_cli("--once", str(tmp_path), "--config", str(config_for(tmp_path, broken)))
     assert proc.returncode == 2 and "broken.pt" in proc.stderr
+    proc = run_cli("--once", str(tmp_path), "--output", str(tmp_path / "no" / "r.json"))
+    assert proc.returncode == 2 and "cannot write" in proc.stderr  # said before any file is classified

@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from model.decode import MAX_PIXELS, ImageError
-from model.preprocess import InputSpec, load_image, normalize, preprocess, to_batch, to_tensor
+from model.preprocess import InputSpec, load_image, normalize, to_batch, to_tensor
 from tests.conftest import image_bytes
 
 H, W = 64, 64
@@ -104,14 +104,6 @@ def test_decompression_bomb_is_refused_before_decoding():
     assert len(data) < 2_000_000
     with pytest.raises(ImageError, match="over the limit"):
         load_image(data, H, W)
-
-
-def test_preprocess_is_load_then_normalize():
-    spec = InputSpec(H, W, (0.5, 0.4, 0.3), (0.2, 0.25, 0.3))
-    data = image_bytes()
-    expected = normalize(load_image(data, H, W).unsqueeze(0), spec)
-    assert torch.equal(preprocess(data, spec), expected)
-    assert expected.dtype == torch.float32 and expected.shape == (1, 3, H, W)
 
 
 def test_to_batch_stacks_without_changing_pixels_and_is_channels_last():

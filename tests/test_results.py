@@ -1,6 +1,7 @@
 """Results file and journal: commit, rotation, and recovery from torn or interrupted states."""
 
 import json
+import os
 
 from watcher.results import ResultStore, encode_results, numbered
 
@@ -87,3 +88,16 @@ def test_results_file_is_the_indented_json_of_all_labels(tmp_path):
     again = store_in(tmp_path, max_bytes=1 << 20)
     again.recover()
     assert again.results.read_text() == json.dumps(expected, indent=1, ensure_ascii=False) + "\n"
+
+
+def test_a_name_that_is_not_utf8_is_written_escaped_and_reads_back(tmp_path):
+    name = os.fsdecode(b"caf\xe9.jpg")  # undecodable byte, kept by Python as a lone surrogate
+    s = store_in(tmp_path)
+    s.recover()
+    s.commit([rec(name), rec("b.jpg", "male")])
+    s.close()
+    assert json.loads(s.results.read_bytes()) == {name: "female", "b.jpg": "male"}
+    again = store_in(tmp_path)
+    records = again.recover()
+    assert records[0]["key"] == name and os.fsencode(records[0]["source"]) == b"/in/caf\xe9.jpg"
+    assert json.loads(encode_results({name: "male"})) == {name: "male"}

@@ -125,7 +125,7 @@ def test_second_instance_is_refused(service, tmp_path):
     from tests.conftest import run_cli
 
     proc = run_cli("--config", str(service.config))
-    assert proc.returncode == 2 and "another gender-watcher" in proc.stderr
+    assert proc.returncode == 2 and f"another gender-watcher (pid {service.proc.pid})" in proc.stderr
     proc = run_cli("--config", str(service.config), "--once", str(service.inbox), "--move")
     assert proc.returncode == 2 and "another gender-watcher" in proc.stderr
     assert service.stop() == 0

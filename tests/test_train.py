@@ -8,6 +8,7 @@ from PIL import Image, ImageDraw
 
 from model import checkpoint as ckpt
 from train.__main__ import main as train_main
+from train.__main__ import parse_args
 from train.data import find_labeled_images
 from train.evaluate import main as evaluate_main
 from train.metrics import equal_recall_threshold
@@ -80,6 +81,12 @@ def test_missing_or_empty_class_folder_is_a_clear_error(tmp_path):
         find_labeled_images(tmp_path, ["female", "male"])
     with pytest.raises(SystemExit, match="does not exist"):
         find_labeled_images(tmp_path / "nowhere", ["female", "male"])
+
+
+def test_dev_folders_of_the_same_name_are_refused(capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--data", "d", "--out", "o.pt", "--dev", "a/test", "--dev", "b/test"])
+    assert "repeat" in capsys.readouterr().err
 
 
 def test_equal_recall_threshold():

@@ -56,7 +56,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--precision", choices=PRECISIONS, default="auto", help="forward-pass precision (auto: bfloat16 where fast)")
     p.add_argument("--device", default="cpu", help="torch device for training, e.g. cuda (the checkpoint is saved for the CPU)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    names = [folder.name for folder in args.dev]
+    if len(set(names)) != len(names):
+        p.error(f"--dev folders are reported by name, and these repeat one: {', '.join(map(str, args.dev))}")
+    return args
 
 
 def _device(model: torch.nn.Module) -> torch.device:
@@ -147,7 +151,10 @@ def main(argv: list[str] | None = None) -> int:
         f"split (seed {args.seed}): train {len(train_set.labels)}, validation {len(val_set.labels)}, test {len(test_set.labels)}"
     )
     if len(train_set.labels) < args.batch_size or not len(val_set.labels) or not len(test_set.labels):
-        raise SystemExit(f"too few images to train ({len(data.labels)}); need at least {2 * args.batch_size}")
+        raise SystemExit(
+            f"too few images to train: {len(data.labels)} give a training split of {len(train_set.labels)}, "
+            f"smaller than one batch ({args.batch_size}), or an empty validation or test split"
+        )
 
     arch_args = {"stem_width": args.stem_width, "widths": list(args.widths)}
     model = GenderNet(**arch_args, num_classes=len(CLASS_NAMES)).to(args.device, memory_format=torch.channels_last)

@@ -53,16 +53,14 @@ def find_labeled_images(root: str | Path, class_names: list[str]) -> list[tuple[
     return found
 
 
-def load_dataset(
-    items: list[tuple[Path, int]], height: int, width: int, workers: int | None = None
-) -> tuple[Dataset, list[tuple[Path, str]]]:
-    """Decode every file once with the serving preprocessing, on the decode worker pool; return
-    the dataset and the skipped files."""
+def load_dataset(items: list[tuple[Path, int]], height: int, width: int) -> tuple[Dataset, list[tuple[Path, str]]]:
+    """Decode every file once with the serving preprocessing, on a decode worker pool with one
+    process per core; return the dataset and the skipped files."""
     progress = Progress(len(items), "decoding", min_total=1)
     paths = [path for path, _ in items]
     chunks = [paths[i : i + CHUNK] for i in range(0, len(paths), CHUNK)]
     decoded: list[Decoded] = []
-    with DecodePool(workers or os.cpu_count() or 1) as pool:
+    with DecodePool(os.cpu_count() or 1) as pool:
         for pending in [pool.start(chunk, height, width) for chunk in chunks]:
             decoded += pool.wait(pending)
             progress.advance(len(pending.paths))

@@ -4,12 +4,15 @@
     python -m watcher --once DIR [--output FILE] [--config FILE]   classify a folder once
     python -m watcher --once INBOX --move [--config FILE]     one pass of the service over its inbox
 
-Exit status: 0 success; 1 some files could not be classified (--once); 2 usage or config error.
+Exit status: 0 success; 1 some files could not be classified (--once); 2 usage, config or
+checkpoint error; 3 stopped by an unexpected error (a full disk, a failed write or rename), logged
+as "fatal".
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -61,6 +64,9 @@ def main(argv: list[str] | None = None) -> int:
         if not args.once.is_dir():
             print(f"error: {args.once} is not a folder", file=sys.stderr)
             return 2
+        if not os.access(args.output.parent, os.W_OK | os.X_OK):
+            print(f"error: cannot write {args.output}: {args.output.parent} is not a writable folder", file=sys.stderr)
+            return 2
         with DecodePool(config.batch["decode_processes"]) as pool:
             return once.classify_folder(args.once, args.output, config, pool)
     except (configuration.ConfigError, CheckpointError, service.ServiceError) as exc:
@@ -69,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except Exception as exc:
         logger.exception("fatal", reason=f"{type(exc).__name__}: {exc}")
-        return 1
+        return 3
 
 
 if __name__ == "__main__":

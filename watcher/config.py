@@ -31,7 +31,7 @@ DEFAULTS: dict[str, Any] = {
         "torch_threads": 1,
         "precision": "auto",
     },
-    "intake": {"watch": True, "settle_seconds": 1.0, "rescan_seconds": 30.0, "max_file_bytes": 50 * 1024 * 1024},
+    "intake": {"watch": True, "settle_seconds": 1.0, "rescan_seconds": 30.0, "max_file_bytes": model.DEFAULT_MAX_BYTES},
     "rotation": {"max_bytes": 1024 * 1024},
     "reload": {"poll_seconds": 30.0},
     "logging": {"level": "info", "format": "auto"},
@@ -41,7 +41,16 @@ CHOICES = {
     "logging.level": ("debug", "info", "warning", "error"),
     "logging.format": ("auto", "json", "console"),
 }
-POSITIVE = ("batch.max_size", "batch.decode_processes", "batch.torch_threads", "intake.max_file_bytes", "rotation.max_bytes")
+# Zero is allowed for the others where it means something (no settle wait, decode processes never stopped).
+POSITIVE = (
+    "batch.max_size",
+    "batch.decode_processes",
+    "batch.torch_threads",
+    "intake.rescan_seconds",
+    "intake.max_file_bytes",
+    "rotation.max_bytes",
+    "reload.poll_seconds",
+)
 
 
 class ConfigError(ValueError):

@@ -5,8 +5,8 @@ The directory listing is the truth; watch events are hints that make it fast. A 
 - when its size and mtime are unchanged for `settle` seconds and its mtime is at least that old
   (writers inotify cannot see, lost events, files already there at start).
 Names that are hidden or temporary (.*, *.part, *.tmp, *~) wait until renamed. Sub-folders are
-left alone. Symlinks, FIFOs, sockets and devices are ready at once, without being opened: the
-pipeline quarantines them in failed/.
+left alone. Symlinks, FIFOs, sockets and devices are ready at once, without waiting to settle: the
+pipeline quarantines them in failed/ without reading them.
 
 The inbox is watched with inotify directly, not through watchdog's observer: asked only for
 close-after-write, moved-in and created, the kernel sends one event per arriving file and none

@@ -10,16 +10,19 @@ NAME_MAX = 255
 
 
 def unique_name(folder: Path, name: str, taken: Container[str] = ()) -> str:
-    """`name` if free in `folder` (and not in `taken`), else `stem__2.ext`, `stem__3.ext`, ..."""
+    """`name` if free in `folder` (and not in `taken`), else `stem__2.ext`, `stem__3.ext`, ...,
+    the stem shortened where the name would pass NAME_MAX bytes (an extension too long to keep
+    counts as part of the stem)."""
     stem, dot, suffix = name.rpartition(".")
-    if not stem:
+    if not stem or len(os.fsencode(dot + suffix)) > NAME_MAX // 2:
         stem, dot, suffix = name, "", ""
     candidate, n = name, 1
     while candidate in taken or os.path.lexists(folder / candidate):
         n += 1
-        tail = f"__{n}{dot}{suffix}"
-        room = NAME_MAX - len(tail.encode())
-        candidate = stem.encode()[:room].decode(errors="ignore") + tail
+        tail, cut = f"__{n}{dot}{suffix}", stem
+        while len(os.fsencode(cut + tail)) > NAME_MAX:  # by characters: never half of one
+            cut = cut[:-1]
+        candidate = cut + tail
     return candidate
 
 

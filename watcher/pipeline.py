@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -91,8 +92,10 @@ def complete_moves(records: list[dict]) -> int:
         source, dest = Path(record["source"]), Path(record["dest"])
         if not os.path.lexists(source) or os.path.lexists(dest):
             continue
-        if record.get("sha256") and _sha256(source) != record["sha256"]:
-            continue  # a different file dropped under the same name: intake will take it
+        if _sha256(source) != record.get("sha256"):
+            # A different file dropped under the same name: intake will take it. A file recorded
+            # without a hash could not be read, and is moved only while it still cannot be.
+            continue
         move_no_clobber(source, dest)
         moved += 1
     if moved:
@@ -102,8 +105,11 @@ def complete_moves(records: list[dict]) -> int:
 
 
 def _sha256(path: Path) -> str | None:
+    """Of a regular file's bytes; None for anything else (symlink, FIFO, folder) or when unreadable."""
     try:
         with open(path, "rb", opener=lambda p, f: os.open(p, f | os.O_NOFOLLOW | os.O_NONBLOCK)) as fh:
+            if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
+                return None
             return hashlib.file_digest(fh, "sha256").hexdigest()
     except OSError:
         return None

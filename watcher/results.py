@@ -62,7 +62,7 @@ class ResultStore:
         """Append records and fsync: from here on they are durable. Then rewrite the results file."""
         if not records:
             return
-        self._journal_file.write(b"".join(json.dumps(r, ensure_ascii=False).encode() + b"\n" for r in records))
+        self._journal_file.write(b"".join(_json(r) + b"\n" for r in records))
         self._journal_file.flush()
         os.fsync(self._journal_file.fileno())
         self._add({r["key"]: r["label"] for r in records if r.get("label")})
@@ -107,6 +107,14 @@ def _enclose(entries: bytes | bytearray) -> bytes:
 
 
 def _entry_lines(labels: dict[str, str]) -> bytes:
-    return ",\n".join(
-        f" {json.dumps(k, ensure_ascii=False)}: {json.dumps(v, ensure_ascii=False)}" for k, v in labels.items()
-    ).encode()
+    return b",\n".join(b" " + _json(k) + b": " + _json(v) for k, v in labels.items())
+
+
+def _json(value: object) -> bytes:
+    """UTF-8 JSON. A file name that is not valid UTF-8 (Python keeps its undecodable bytes as lone
+    surrogates) cannot be written as UTF-8: it is written with \\u escapes instead, which read
+    back to the same name, so the journal still leads to the file."""
+    try:
+        return json.dumps(value, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        return json.dumps(value).encode()

@@ -74,7 +74,8 @@ def inbox_lock(inbox: Path):
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise ServiceError(f"another gender-watcher is working {inbox} (lock {inbox / LOCK_NAME})") from None
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            raise ServiceError(f"another gender-watcher (pid {holder}) is working {inbox} (lock {inbox / LOCK_NAME})") from None
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         yield
