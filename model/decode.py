@@ -17,15 +17,18 @@ import multiprocessing
 import os
 import signal
 import stat
+from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image, ImageOps
 
 from model import DEFAULT_MAX_BYTES
+from model.files import Identity, file_identity
 
 # Refuse images with more pixels than this before decoding any of them (decompression bombs).
 MAX_PIXELS = 80_000_000
@@ -122,25 +125,31 @@ def decode_image(data: bytes, height: int, width: int) -> np.ndarray:
         raise
     except Image.UnidentifiedImageError:
         raise ImageError("not an image (unrecognized format)") from None
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise ImageError(f"not a readable image: {exc}") from exc
+    except Exception as exc:  # a damaged file can make Pillow raise almost anything (struct.error, ...)
+        kind = type(exc).__name__ if type(exc).__module__ == "builtins" else f"{type(exc).__module__}.{type(exc).__name__}"
+        raise ImageError(f"not a readable image: {kind}: {exc}") from exc
 
 
-# One file's decoding result: (pixels, None, sha256 of the bytes) or (None, reason, sha256 if read).
-Decoded = tuple[np.ndarray | None, str | None, str | None]
+class Decoded(NamedTuple):
+    """One file's decoding result: pixels, or the reason there are none."""
+
+    pixels: np.ndarray | None
+    error: str | None
+    sha256: str | None  # of the bytes read, when they could be read
+    identity: Identity | None  # of the inbox entry before it was read (model.files.file_identity)
 
 
 def decode_files(paths: list[Path], height: int, width: int, max_bytes: int = DEFAULT_MAX_BYTES) -> list[Decoded]:
     """Read, hash and decode files; each failure is a reason, never an exception. Runs in a worker."""
     decoded: list[Decoded] = []
     for path in paths:
-        digest = None
+        identity, digest = file_identity(path), None
         try:
             data = read_image_bytes(path, max_bytes)
             digest = hashlib.sha256(data).hexdigest()
-            decoded.append((decode_image(data, height, width), None, digest))
+            decoded.append(Decoded(decode_image(data, height, width), None, digest, identity))
         except ImageError as exc:
-            decoded.append((None, str(exc), digest))
+            decoded.append(Decoded(None, str(exc), digest, identity))
     return decoded
 
 
@@ -177,8 +186,11 @@ class DecodePool:
     that kills a worker again fails (with CRASHED).
     """
 
-    def __init__(self, workers: int) -> None:
+    def __init__(self, workers: int, heartbeat: Callable[[], object] | None = None, heartbeat_seconds: float = 5.0) -> None:
+        """`heartbeat` is called every `heartbeat_seconds` while `wait` waits for a slow batch (the
+        service pings systemd's watchdog with it: a folder of huge PNGs can take minutes)."""
         self.workers = workers
+        self.heartbeat, self.heartbeat_seconds = heartbeat, heartbeat_seconds
         self._executor: ProcessPoolExecutor | None = self._start()
 
     @property
@@ -228,18 +240,26 @@ class DecodePool:
 
     def _result(self, paths: list[Path], future: Future, executor: ProcessPoolExecutor, pending: PendingDecode) -> list[Decoded]:
         try:
-            return future.result()
+            return self._outcome(future)
         except BrokenProcessPool:
             self._restart(executor)
         decoded: list[Decoded] = []
         for path in paths:  # one by one, so that only the file that kills a worker fails
             future, executor = self._submit([path], pending.height, pending.width, pending.max_bytes)
             try:
-                decoded += future.result()
+                decoded += self._outcome(future)
             except BrokenProcessPool:
                 self._restart(executor)
-                decoded.append((None, CRASHED, None))
+                decoded.append(Decoded(None, CRASHED, None, file_identity(path)))
         return decoded
+
+    def _outcome(self, future: Future) -> list[Decoded]:
+        while self.heartbeat is not None:
+            try:
+                return future.result(timeout=self.heartbeat_seconds)
+            except TimeoutError:
+                self.heartbeat()
+        return future.result()
 
     def close(self) -> None:
         if self._executor is not None:

@@ -1,10 +1,23 @@
-"""Durable file writes (checkpoints, results): atomic replace of a whole file, fsync of folders."""
+"""Durable file writes (checkpoints, results): atomic replace of a whole file, fsync of folders;
+and telling whether a path still holds the file that was read."""
 
 from __future__ import annotations
 
 import os
 import tempfile
 from pathlib import Path
+
+# (device, inode, size, mtime in ns) of a folder entry, not followed if a symlink.
+Identity = tuple[int, int, int, int]
+
+
+def file_identity(path: str | Path) -> Identity | None:
+    """What changes when a file is replaced or rewritten under the same name; None if it is gone."""
+    try:
+        info = os.lstat(path)
+    except OSError:
+        return None
+    return (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
 
 
 def fsync_dir(folder: Path) -> None:

@@ -14,6 +14,7 @@ from torch import nn
 
 from model.checkpoint import Checkpoint
 from model.decode import DEFAULT_MAX_BYTES, DecodePool, PendingDecode
+from model.files import Identity
 from model.preprocess import normalize, to_batch
 
 
@@ -31,6 +32,7 @@ class Outcome:
     prediction: Prediction | None
     error: str | None
     sha256: str | None
+    identity: Identity | None  # of the file before it was read (model.files.file_identity)
 
 
 def model_input(checkpoint: Checkpoint, batch: torch.Tensor) -> torch.Tensor:
@@ -78,11 +80,11 @@ def start_batch(
 def finish_batch(pending: PendingDecode, checkpoint: Checkpoint, pool: DecodePool) -> list[Outcome]:
     """Wait for the decoding, then classify the readable images in one forward pass."""
     decoded = pool.wait(pending)
-    readable = [pixels for pixels, _, _ in decoded if pixels is not None]
+    readable = [d.pixels for d in decoded if d.pixels is not None]
     predictions = iter(predict(checkpoint, to_batch(readable)) if readable else [])
     return [
-        Outcome(path, next(predictions) if pixels is not None else None, error, digest)
-        for path, (pixels, error, digest) in zip(pending.paths, decoded, strict=True)
+        Outcome(path, next(predictions) if d.pixels is not None else None, d.error, d.sha256, d.identity)
+        for path, d in zip(pending.paths, decoded, strict=True)
     ]
 
 

@@ -55,6 +55,17 @@ def test_old_files_found_by_rescan(tmp_path):
     assert intake.take(now + 1.0) == [path]
 
 
+def test_a_file_with_an_mtime_in_the_future_is_taken_once_settled(tmp_path):
+    intake = Intake(tmp_path, settle=1.0)
+    path = tmp_path / "camera.jpg"
+    path.write_bytes(b"x")
+    os.utime(path, (time.time() + 3600, time.time() + 3600))  # a camera's clock an hour ahead
+    intake.rescan()
+    now = time.monotonic()
+    assert intake.take(now) == []
+    assert intake.take(now + 1.1) == [path]
+
+
 def test_waiting_names_folders_and_specials(tmp_path):
     intake = Intake(tmp_path, settle=0)
     (tmp_path / "a.part").write_bytes(b"x")

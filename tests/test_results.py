@@ -73,6 +73,19 @@ def test_rotation_interrupted_between_renames_is_finished(tmp_path):
     assert numbered(s.journal, 1).exists() and json.loads(again.results.read_text()) == {}
 
 
+def test_an_old_numbered_journal_deleted_by_hand_leaves_the_current_one_alone(tmp_path):
+    s = store_in(tmp_path, max_bytes=30)
+    s.recover()
+    s.commit([rec("a.jpg"), rec("b.jpg")])
+    assert s.rotate_if_full() == 1
+    s.commit([rec("c.jpg")])
+    s.close()
+    numbered(s.journal, 1).unlink()  # an operator's clean-up
+    again = store_in(tmp_path, max_bytes=30)
+    assert [r["key"] for r in again.recover()] == ["c.jpg"]
+    assert json.loads(again.results.read_text()) == {"c.jpg": "female"}
+
+
 def test_results_file_is_the_indented_json_of_all_labels(tmp_path):
     s = store_in(tmp_path, max_bytes=1 << 20)
     s.recover()

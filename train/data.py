@@ -64,9 +64,9 @@ def load_dataset(items: list[tuple[Path, int]], height: int, width: int) -> tupl
         for pending in [pool.start(chunk, height, width) for chunk in chunks]:
             decoded += pool.wait(pending)
             progress.advance(len(pending.paths))
-    keep = [i for i, (pixels, _, _) in enumerate(decoded) if pixels is not None]
-    skipped = [(items[i][0], str(error)) for i, (pixels, error, _) in enumerate(decoded) if pixels is None]
-    images = to_batch([decoded[i][0] for i in keep]) if keep else torch.empty(0, 3, height, width, dtype=torch.uint8)
+    keep = [i for i, d in enumerate(decoded) if d.pixels is not None]
+    skipped = [(items[i][0], str(d.error)) for i, d in enumerate(decoded) if d.pixels is None]
+    images = to_batch([decoded[i].pixels for i in keep]) if keep else torch.empty(0, 3, height, width, dtype=torch.uint8)
     labels = torch.tensor([items[i][1] for i in keep], dtype=torch.long)
     return Dataset(images, labels, [items[i][0] for i in keep]), skipped
 

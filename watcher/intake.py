@@ -2,8 +2,10 @@
 
 The directory listing is the truth; watch events are hints that make it fast. A file is ready:
 - on a close-after-write event or when renamed into the inbox (the writer is done), or
-- when its size and mtime are unchanged for `settle` seconds and its mtime is at least that old
-  (writers inotify cannot see, lost events, files already there at start).
+- when its size and mtime have not changed for `settle` seconds of watching (writers inotify
+  cannot see, lost events, files already there at start). Only the service's own monotonic
+  clock counts: an mtime in the future (a camera's clock, `rsync -t` from a machine ahead) or a
+  step of the system clock does not hold a file back.
 Names that are hidden or temporary (.*, *.part, *.tmp, *~) wait until renamed. Sub-folders are
 left alone. Symlinks, FIFOs, sockets and devices are ready at once, without waiting to settle: the
 pipeline quarantines them in failed/ without reading them.
@@ -142,7 +144,7 @@ class Intake:
 
     def take(self, now: float | None = None) -> list[Path]:
         """Entries that are ready now, each handed out once until `release`d."""
-        now = time.time() if now is None else now
+        now = time.monotonic() if now is None else now
         with self._lock:
             hints, self._hints = self._hints, {}
         ready, later = [], {}
@@ -183,7 +185,7 @@ class Intake:
         if (info.st_size, info.st_mtime_ns) != (size, mtime):
             self._candidates[name] = (info.st_size, info.st_mtime_ns, now)
             return None
-        return True if now - since >= self.settle and now - info.st_mtime >= self.settle else None
+        return True if now - since >= self.settle else None
 
     def _is_file_like(self, name: str) -> bool:
         try:

@@ -71,7 +71,8 @@ def classify_folder(folder: Path, output: Path, config: Config, pool: DecodePool
 
 def drain_inbox(config: Config, pool: DecodePool) -> int:
     """--once --move: the service's pipeline over the inbox, once. Files modified within the last
-    `intake.settle_seconds` may still be being written and wait for the next pass."""
+    `intake.settle_seconds` may still be being written and wait for the next pass; an mtime in
+    the future says nothing about that, so such a file is taken."""
     logger = log.get()
     check_service_paths(config)
     torch.set_num_threads(config.batch["torch_threads"])
@@ -82,7 +83,9 @@ def drain_inbox(config: Config, pool: DecodePool) -> int:
         try:
             now, settle = time.time(), config.intake["settle_seconds"]
             ready = [
-                p for p in candidate_files(config.inbox) if not is_waiting_name(p.name) and now - p.lstat().st_mtime >= settle
+                p
+                for p in candidate_files(config.inbox)
+                if not is_waiting_name(p.name) and not 0 <= now - p.lstat().st_mtime < settle
             ]
             logger.info("once_start", folder=str(config.inbox), files=len(ready), checkpoint=checkpoint.version)
             size = config.batch["max_size"]

@@ -5,7 +5,8 @@ it, classifies and commits. Splitting the two lets the service decode the next b
 classifies and commits this one.
 
 Used by the service and by `--once --move`. Any exception from the journal, the results file or
-a move propagates: the caller stops, and the next start's `recover` completes the work.
+a move (other than of a file deleted meanwhile) propagates: the caller stops, and the next
+start's `recover` completes the work.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pathlib import Path
 
 from model.checkpoint import Checkpoint
 from model.decode import DecodePool, PendingDecode
-from model.files import fsync_dir
+from model.files import file_identity, fsync_dir
 from model.inference import finish_batch, start_batch
 from watcher import log
 from watcher.config import Config
@@ -45,8 +46,14 @@ def commit(pending: PendingDecode, checkpoint: Checkpoint, pool: DecodePool, sto
     taken = {config.done: set(store.current), config.failed: set()}
     records = []
     for outcome in outcomes:
-        if not os.path.lexists(outcome.path):
+        now_there = file_identity(outcome.path)
+        if now_there is None:
             logger.warning("vanished", file=outcome.path.name)  # removed from the inbox by someone else
+            continue
+        if now_there != outcome.identity:
+            # Replaced or rewritten under the same name since it was read: this answer is not the
+            # new file's. Intake hands the new one out again once this batch releases the name.
+            logger.info("replaced_while_classified", file=outcome.path.name)
             continue
         folder = config.done if outcome.prediction else config.failed
         name = unique_name(folder, outcome.path.name, taken[folder])
@@ -68,7 +75,12 @@ def commit(pending: PendingDecode, checkpoint: Checkpoint, pool: DecodePool, sto
         records.append(record)
     store.commit(records)
     for record in records:
-        move_no_clobber(Path(record["source"]), Path(record["dest"]))
+        try:
+            move_no_clobber(Path(record["source"]), Path(record["dest"]))
+        except FileNotFoundError:
+            if os.path.lexists(record["source"]):
+                raise  # the destination folder is gone: not something to go on from
+            logger.warning("vanished_before_move", file=Path(record["source"]).name, result_kept=record["key"])
     for folder in {config.inbox, config.done, config.failed}:
         fsync_dir(folder)
     rotated = store.rotate_if_full()

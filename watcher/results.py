@@ -39,8 +39,11 @@ class ResultStore:
         """Finish an interrupted rotation, drop a torn journal tail, rebuild the results file from
         the journal. Returns the current journal's records (for completing unfinished moves)."""
         done = rotated_numbers(self.results)
-        if done and not numbered(self.journal, done[-1]).exists() and self.journal.exists():
-            os.rename(self.journal, numbered(self.journal, done[-1]))  # crash between the two renames
+        # A crash between rotation's two renames leaves the newest results file numbered, its
+        # journal not yet, and no current results file (an operator's deleting an old numbered
+        # journal leaves the current results file in place: not that case).
+        if done and not numbered(self.journal, done[-1]).exists() and self.journal.exists() and not self.results.exists():
+            os.rename(self.journal, numbered(self.journal, done[-1]))
             fsync_dir(self.journal.parent)
         records = self._read_journal()
         self.current, self._entries = {}, bytearray()

@@ -115,7 +115,9 @@ class Service:
         signal.signal(signal.SIGINT, self._on_stop)
         signal.signal(signal.SIGHUP, self._on_hup)
         torch.set_num_threads(config.batch["torch_threads"])
-        with inbox_lock(config.inbox), DecodePool(config.batch["decode_processes"]) as pool:
+        ping_every = watchdog_interval()
+        heartbeat = (lambda: notify("WATCHDOG=1")) if ping_every else None  # also while a slow batch decodes
+        with inbox_lock(config.inbox), DecodePool(config.batch["decode_processes"], heartbeat, ping_every or 5.0) as pool:
             model = load_checked(config.checkpoint, config.batch["precision"])
             store = open_store(config)
             intake = Intake(config.inbox, config.intake["settle_seconds"], self.waker.wake)
@@ -132,7 +134,7 @@ class Service:
             )
             notify(f"READY=1\nSTATUS=serving checkpoint {model.version}")
             try:
-                self._loop(intake, reloader, store, pool, model)
+                self._loop(intake, reloader, store, pool, model, ping_every)
             finally:
                 notify("STOPPING=1")
                 intake.stop()
@@ -141,11 +143,18 @@ class Service:
         self.log.info("stop", signal=signal.Signals(self.stop_signal).name if self.stop_signal else None)
         return 0
 
-    def _loop(self, intake: Intake, reloader: Reloader, store: ResultStore, pool: DecodePool, model: ckpt.Checkpoint) -> None:
+    def _loop(
+        self,
+        intake: Intake,
+        reloader: Reloader,
+        store: ResultStore,
+        pool: DecodePool,
+        model: ckpt.Checkpoint,
+        ping_every: float | None,
+    ) -> None:
         config = self.config
         max_size, max_wait = config.batch["max_size"], config.batch["max_wait_ms"] / 1000
         decode_idle = config.batch["decode_idle_seconds"]
-        ping_every = watchdog_interval()
         now = time.monotonic()
         next_rescan, next_reload_poll = now + config.intake["rescan_seconds"], now + config.reload["poll_seconds"]
         next_ping = last_batch_at = now
@@ -213,6 +222,6 @@ class Service:
             if pending:
                 deadlines.append(first_pending_at + max_wait)
             if intake.waiting():
-                deadlines.append(now + min(0.25, config.intake["settle_seconds"] / 2))
+                deadlines.append(now + max(0.05, min(0.25, config.intake["settle_seconds"] / 2)))
             self.waker.wait(min(deadlines) - time.monotonic())
         finish_in_flight()  # the batch in hand is made durable before stopping

@@ -1,0 +1,90 @@
+"""The commit stage alone: files that change or vanish between reading and moving, decoders that
+raise anything, and a decode slow enough to need the watchdog pinged meanwhile."""
+
+import hashlib
+import io
+import os
+import struct
+
+import pytest
+from PIL import Image, ImageOps
+
+from model import decode
+from model.decode import DecodePool, decode_files
+from tests.conftest import image_bytes, write_config
+from watcher import config as configuration
+from watcher import log, pipeline
+from watcher.reload import load_checked
+from watcher.service import open_store
+
+
+@pytest.fixture
+def stage(tmp_path, tiny_checkpoint):
+    log.setup("warning", "json")
+    config = configuration.load(write_config(tmp_path, tiny_checkpoint))
+    model = load_checked(tiny_checkpoint, "float32")
+    store = open_store(config)
+    with DecodePool(1) as pool:
+        yield config, model, store, pool
+    store.close()
+
+
+def test_a_file_replaced_while_classified_is_left_for_intake(stage):
+    config, model, store, pool = stage
+    photo, kept = config.inbox / "photo.jpg", config.inbox / "kept.jpg"
+    photo.write_bytes(image_bytes(colour=(250, 250, 250)))
+    kept.write_bytes(image_bytes())
+    pending = pipeline.start([photo, kept], model, pool, config)
+    pool.wait(pending)  # read and decoded; now an uploader renames a new photo over it
+    new = image_bytes(colour=(0, 0, 255))
+    (config.inbox / ".upload.part").write_bytes(new)
+    os.rename(config.inbox / ".upload.part", photo)
+    records = pipeline.commit(pending, model, pool, store, config)
+    assert [r["key"] for r in records] == ["kept.jpg"]  # no answer recorded for the new photo
+    assert photo.read_bytes() == new and not (config.done / "photo.jpg").exists()
+
+
+def test_a_file_deleted_before_its_move_does_not_stop_the_batch(stage):
+    config, model, store, pool = stage
+    gone, kept = config.inbox / "gone.jpg", config.inbox / "kept.jpg"
+    gone.write_bytes(image_bytes())
+    kept.write_bytes(image_bytes(colour=(0, 0, 0)))
+    real_commit = store.commit
+
+    def commit_then_delete(records):
+        real_commit(records)  # durable now; the owner deletes the file before it is moved
+        gone.unlink()
+
+    store.commit = commit_then_delete
+    records = pipeline.commit(pipeline.start([gone, kept], model, pool, config), model, pool, store, config)
+    assert {r["key"] for r in records} == {"gone.jpg", "kept.jpg"}
+    assert os.listdir(config.done) == ["kept.jpg"]
+
+
+def test_any_exception_while_decoding_fails_only_that_file(tmp_path, monkeypatch):
+    broken, good = tmp_path / "broken.jpg", tmp_path / "good.jpg"
+    broken.write_bytes(image_bytes(colour=(1, 2, 3)))
+    good.write_bytes(image_bytes())
+    real = ImageOps.exif_transpose
+
+    def damaged_exif(img, **kwargs):  # what Pillow did with a real file whose Exif block is damaged
+        if img.getpixel((0, 0))[0] < 10:
+            raise struct.error("required argument is not an integer")
+        return real(img, **kwargs)
+
+    monkeypatch.setattr(decode.ImageOps, "exif_transpose", damaged_exif)
+    results = decode_files([broken, good], 16, 16)
+    assert results[0].pixels is None and "struct.error" in results[0].error
+    assert results[0].sha256 == hashlib.sha256(broken.read_bytes()).hexdigest()
+    assert results[1].pixels is not None and results[1].error is None
+
+
+def test_the_pool_calls_its_heartbeat_while_a_slow_batch_decodes(tmp_path):
+    big = tmp_path / "big.png"
+    buffer = io.BytesIO()
+    Image.new("RGB", (6000, 6000), (200, 100, 50)).save(buffer, "PNG")  # small file, slow to decode
+    big.write_bytes(buffer.getvalue())
+    beats = []
+    with DecodePool(1, heartbeat=lambda: beats.append(1), heartbeat_seconds=0.01) as pool:
+        (result,) = pool.wait(pool.start([big], 16, 16))
+    assert result.pixels is not None and beats
