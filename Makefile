@@ -1,13 +1,15 @@
 # make run: set up .venv and run the service on config.yaml.  make test: set up and run the tests.
-PYTHON ?= $(shell command -v python3.11 || command -v python3)
+PYTHON ?= $(shell command -v python3.11 || command -v python3.12 || command -v python3.13 || command -v python3)
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+NEW_ENOUGH := -c 'import sys; sys.exit(sys.version_info < (3, 11))'
 
 .PHONY: run test lint format soak once folders
 
 $(STAMP): pyproject.toml
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PY) $(NEW_ENOUGH) 2>/dev/null || { rm -rf $(VENV) && $(PYTHON) -m venv $(VENV); }
+	@$(PY) $(NEW_ENOUGH) || { echo "gender-watcher needs Python 3.11 or newer; found $$($(PY) -V). Run: make PYTHON=/path/to/python3.11 ..."; rm -rf $(VENV); exit 1; }
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 

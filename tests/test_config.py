@@ -36,6 +36,13 @@ def test_relative_paths_resolve_against_the_config_folder(tmp_path):
     assert cfg.inbox == tmp_path / "in" and cfg.results == tmp_path / "r" / "p.json"
 
 
+def test_a_checkpoint_symlink_is_kept_as_a_symlink(tmp_path):
+    (tmp_path / "v1.pt").write_bytes(b"x")
+    os.symlink("v1.pt", tmp_path / "current.pt")
+    cfg = configuration.load(write(tmp_path, "checkpoint: ./models/../current.pt\n"))
+    assert cfg.checkpoint == tmp_path / "current.pt"  # repointing it is a new checkpoint to reload
+
+
 @pytest.mark.parametrize(
     ("text", "key"),
     [

@@ -1,11 +1,16 @@
-"""The reloader alone: a change that arrives while a load is running is still picked up."""
+"""The reloader alone: a change that arrives while a load is running is still picked up; a
+checkpoint whose canary pass fails is refused; the watch follows a swapped folder."""
 
 import os
 import time
 
+import pytest
+
 from model import checkpoint as ckpt
+from model.network import GenderNet
+from model.preprocess import InputSpec
 from tests.conftest import make_tiny_checkpoint
-from watcher.reload import Reloader
+from watcher.reload import Reloader, load_checked
 
 
 def collect(reloader, timeout=10.0):
@@ -42,3 +47,38 @@ def test_damaged_file_is_refused_once_until_it_changes(tmp_path):
     assert reloader.poll()
     assert isinstance(collect(reloader), ckpt.CheckpointError)
     assert not reloader.poll() and not reloader.changing
+
+
+def test_a_checkpoint_that_fails_its_canary_is_a_checkpoint_error(tmp_path):
+    path = tmp_path / "model.pt"
+    model = GenderNet(stem_width=4, widths=[8, 8, 8, 8]).eval()  # three 2x2 pools: an 8x8 input is too small
+    ckpt.save(path, model, {"stem_width": 4, "widths": [8, 8, 8, 8]}, InputSpec(8, 8, (0.5,) * 3, (0.25,) * 3), ["f", "m"], {})
+    with pytest.raises(ckpt.CheckpointError, match="canary forward pass failed"):
+        load_checked(path, "float32")
+
+
+def test_the_watch_follows_a_swapped_checkpoint_folder(tmp_path):
+    folder = tmp_path / "models"
+    folder.mkdir()
+    make_tiny_checkpoint(folder / "model.pt", seed=1)
+    hints = []
+    reloader = Reloader(folder / "model.pt", "auto", ckpt.load(folder / "model.pt"), wake=lambda: hints.append(1))
+    reloader.start_watching()
+    try:
+        (tmp_path / "models.new").mkdir()
+        second = make_tiny_checkpoint(tmp_path / "models.new" / "model.pt", seed=2)
+        os.rename(folder, tmp_path / "models.old")  # a release-style swap of the whole folder
+        os.rename(tmp_path / "models.new", folder)
+        reloader.poll()  # notices the new folder and watches it from now on
+        assert reloader.poll() and collect(reloader).version == second
+        hints.clear()
+        third = make_tiny_checkpoint(tmp_path / "next.pt", seed=3)
+        os.rename(tmp_path / "next.pt", folder / "model.pt")
+        deadline = time.monotonic() + 5
+        while not hints and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert hints, "no event from the new folder"
+        reloader.poll()
+        assert reloader.poll() and collect(reloader).version == third
+    finally:
+        reloader.stop_watching()

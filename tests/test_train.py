@@ -1,12 +1,14 @@
 """Smoke training run on generated images, and the data-folder errors."""
 
 import json
+import os
 import random
 
 import pytest
 from PIL import Image, ImageDraw
 
 from model import checkpoint as ckpt
+from tests.conftest import image_bytes
 from train.__main__ import main as train_main
 from train.__main__ import parse_args
 from train.data import find_labeled_images
@@ -81,6 +83,42 @@ def test_missing_or_empty_class_folder_is_a_clear_error(tmp_path):
         find_labeled_images(tmp_path, ["female", "male"])
     with pytest.raises(SystemExit, match="does not exist"):
         find_labeled_images(tmp_path / "nowhere", ["female", "male"])
+
+
+def test_arguments_that_would_fail_after_training_are_refused_first(tmp_path, capsys):
+    base = ["--data", str(tmp_path), "--out", str(tmp_path / "m.pt")]
+    for extra, said in [
+        (["--dev", str(tmp_path / "nowhere")], "is not a folder"),
+        (["--epochs", "0"], "at least 1"),
+        (["--limit", "-5"], "--limit"),
+    ]:
+        with pytest.raises(SystemExit):
+            parse_args(base + extra)
+        assert said in capsys.readouterr().err
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(SystemExit):
+        parse_args(["--data", str(tmp_path), "--out", str(tmp_path / "afile" / "m.pt")])
+    assert "not a writable folder" in capsys.readouterr().err
+
+
+def test_a_class_without_readable_images_stops_training(tmp_path):
+    for name in ("female", "male"):
+        (tmp_path / name).mkdir()
+    for i in range(4):
+        (tmp_path / "female" / f"{i}.jpg").write_bytes(image_bytes(colour=(i * 40, 100, 100)))
+        (tmp_path / "male" / f"{i}.jpg").write_bytes(b"not an image")
+    with pytest.raises(SystemExit, match="no readable images of class male"):
+        train_main(["--data", str(tmp_path), "--out", str(tmp_path / "m.pt"), "--batch-size", "2"])
+
+
+def test_symlinked_training_images_are_read_through_their_targets(tmp_path):
+    for name in ("female", "male"):
+        (tmp_path / "real" / name).mkdir(parents=True)
+        (tmp_path / "links" / name).mkdir(parents=True)
+        (tmp_path / "real" / name / "a.jpg").write_bytes(image_bytes())
+        os.symlink(tmp_path / "real" / name / "a.jpg", tmp_path / "links" / name / "a.jpg")
+    items = find_labeled_images(tmp_path / "links", ["female", "male"])
+    assert [p for p, _ in items] == [tmp_path / "real" / "female" / "a.jpg", tmp_path / "real" / "male" / "a.jpg"]
 
 
 def test_dev_folders_of_the_same_name_are_refused(capsys):

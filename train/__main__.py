@@ -57,9 +57,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--precision", choices=PRECISIONS, default="auto", help="forward-pass precision (auto: bfloat16 where fast)")
     p.add_argument("--device", default="cpu", help="torch device for training, e.g. cuda (the checkpoint is saved for the CPU)")
     args = p.parse_args(argv)
+    for name in ("epochs", "batch_size", "threads"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.limit < 0:
+        p.error("--limit must be 0 (all images) or more")
     names = [folder.name for folder in args.dev]
     if len(set(names)) != len(names):
         p.error(f"--dev folders are reported by name, and these repeat one: {', '.join(map(str, args.dev))}")
+    # Checked now, not after half an hour of training: the folders to evaluate, and where to write.
+    for folder in args.dev:
+        if not folder.is_dir():
+            p.error(f"--dev {folder} is not a folder")
+    out_folder = next((f for f in args.out.absolute().parents if f.exists()), None)
+    if out_folder is None or not out_folder.is_dir() or not os.access(out_folder, os.W_OK | os.X_OK):
+        p.error(f"--out {args.out}: cannot create it ({out_folder} is not a writable folder)")
     return args
 
 
@@ -145,6 +157,9 @@ def main(argv: list[str] | None = None) -> int:
     data, skipped = load_dataset(items, height, width)
     for path, reason in skipped:
         print(f"skipped {path}: {reason}", file=sys.stderr)
+    for label, name in enumerate(CLASS_NAMES):
+        if not (data.labels == label).any():
+            raise SystemExit(f"no readable images of class {name} in {args.data / name} ({len(skipped)} files skipped)")
     print(f"decoded {len(data.labels)} images, skipped {len(skipped)} unreadable, in {time.monotonic() - started:.0f}s")
     train_set, val_set, test_set = split(data, args.seed, args.val_fraction, args.test_fraction)
     print(

@@ -37,7 +37,9 @@ def source_of(path: Path) -> str:
 
 
 def find_labeled_images(root: str | Path, class_names: list[str]) -> list[tuple[Path, int]]:
-    """root/<class>/* for each class; a missing or empty class folder is an error."""
+    """root/<class>/* for each class; a missing or empty class folder is an error. A symlink is
+    taken as its target (the decoder never follows links, as the inbox must not; labeled data is
+    the owner's own), and the target's name is what source_of sees."""
     root = Path(root)
     if not root.is_dir():
         raise SystemExit(f"data folder {root} does not exist")
@@ -46,7 +48,8 @@ def find_labeled_images(root: str | Path, class_names: list[str]) -> list[tuple[
         folder = root / name
         if not folder.is_dir():
             raise SystemExit(f"class folder {folder} is missing (expected {', '.join(class_names)} under {root})")
-        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        listed = [p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()]
+        files = sorted(p.resolve() if p.is_symlink() else p for p in listed)
         if not files:
             raise SystemExit(f"class folder {folder} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
         found += [(p, label) for p in files]

@@ -199,23 +199,31 @@ class _ServiceRun:
         core for all of them) over `seconds` of idling."""
         pids = [self.proc.pid, *child_pids(self.proc.pid)]
 
-        def cpu_ticks() -> int:
-            return sum(sum(_stat(pid)[10:12]) for pid in pids)  # utime + stime, one read per process
+        def cpu_ticks() -> dict[int, int]:  # utime + stime of each process still there
+            ticks = {}
+            for pid in pids:
+                with suppress(OSError):
+                    ticks[pid] = sum(_stat(pid)[10:12])
+            return ticks
 
         before, start = cpu_ticks(), time.perf_counter()
         time.sleep(seconds)
-        used = (cpu_ticks() - before) / os.sysconf("SC_CLK_TCK")
-        rss = [
-            int(line.split()[1])
-            for pid in pids
-            for line in Path(f"/proc/{pid}/status").read_text().splitlines()
-            if line.startswith("VmRSS:")
-        ]
-        return sum(rss) / 1024, rss[0] / 1024, 100 * used / (time.perf_counter() - start)
+        after = cpu_ticks()
+        used = sum(after[pid] - before[pid] for pid in after.keys() & before.keys()) / os.sysconf("SC_CLK_TCK")
+        rss = {}
+        for pid in pids:
+            with suppress(OSError):
+                status = Path(f"/proc/{pid}/status").read_text().splitlines()
+                rss[pid] = next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
+        return sum(rss.values()) / 1024, rss[self.proc.pid] / 1024, 100 * used / (time.perf_counter() - start)
 
     def close(self) -> None:
         self.proc.send_signal(signal.SIGTERM)
-        self.proc.wait(30)
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
         self._stop.set()
         self._tail.join()
 
@@ -294,6 +302,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-service", action="store_true", help="skip the service measurements")
     p.add_argument("--json", type=Path, default=Path("bench.json"))
     args = p.parse_args(argv)
+    # SIGTERM unwinds like Ctrl-C, so the service under test is stopped and the temp files removed.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     log.setup("warning", "json")
     if not args.data.is_dir():
         print(f"error: {args.data} is not a folder", file=sys.stderr)

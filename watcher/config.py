@@ -15,7 +15,7 @@ import yaml
 
 import model
 
-PATH_KEYS = ("inbox", "done", "failed", "results", "journal", "checkpoint")
+PATH_KEYS = ("inbox", "done", "failed", "results", "journal")  # resolved; the checkpoint path is not (below)
 DEFAULTS: dict[str, Any] = {
     "inbox": "inbox",
     "done": "done",
@@ -116,6 +116,9 @@ def load(path: str | Path | None = None) -> Config:
     values = _merge(DEFAULTS, given, "", source)
     for key in PATH_KEYS:
         values[key] = (base / os.path.expanduser(values[key])).resolve()
+    # The checkpoint keeps its own name, a symlink included: pointing that symlink at another file
+    # is a new checkpoint to reload, which a path resolved once at start would never see.
+    values["checkpoint"] = Path(os.path.normpath(base / os.path.expanduser(values["checkpoint"])))
     return Config(**values, source=source)
 
 

@@ -28,8 +28,12 @@ def canary(checkpoint: ckpt.Checkpoint, serving: ckpt.Checkpoint | None) -> None
         raise ckpt.CheckpointError(f"class names {checkpoint.class_names} differ from the serving model's {serving.class_names}")
     spec = checkpoint.spec
     ramp = torch.linspace(0, 255, spec.height * spec.width).to(torch.uint8).view(1, 1, spec.height, spec.width)
-    with torch.inference_mode():
-        out = checkpoint.model(model_input(checkpoint, ramp.expand(2, 3, -1, -1)))
+    try:
+        with torch.inference_mode():
+            out = checkpoint.model(model_input(checkpoint, ramp.expand(2, 3, -1, -1)))
+    except Exception as exc:  # e.g. an input too small for the network's pooling, a 2-channel mean
+        reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+        raise ckpt.CheckpointError(f"canary forward pass failed: {reason}") from None
     if out.shape != (2, len(checkpoint.class_names)) or not torch.isfinite(out).all():
         raise ckpt.CheckpointError(
             f"canary forward pass gave {tuple(out.shape)} {'finite' if torch.isfinite(out).all() else 'non-finite'} output"
@@ -43,6 +47,14 @@ def load_checked(path: Path, precision: str, serving: ckpt.Checkpoint | None = N
     except ckpt.CheckpointError as exc:
         raise ckpt.CheckpointError(f"checkpoint {path}: {exc}") from None
     return checkpoint
+
+
+def _folder_identity(folder: Path) -> tuple[int, int] | None:
+    try:
+        info = os.stat(folder)
+    except OSError:
+        return None
+    return (info.st_dev, info.st_ino)
 
 
 def _signature(path: Path) -> tuple[int, int, int] | None:
@@ -62,23 +74,31 @@ class Reloader:
         self._thread: threading.Thread | None = None
         self._result: ckpt.Checkpoint | Exception | None = None
         self._observer: InotifyObserver | None = None
+        self._watching = False  # asked to watch (the folder may be missing for a while)
+        self._watched_folder: tuple[int, int] | None = None
         self.hinted = False  # set by the watch thread: the file may have changed
 
     def start_watching(self) -> None:
-        reloader = self
+        """Watch the checkpoint's folder. An inotify watch follows the folder itself, so when the
+        folder is deleted or swapped for another (a release-style `mv`), `poll` watches anew."""
+        reloader, folder = self, str(self.path.parent)
+        self._watching, self._watched_folder = True, _folder_identity(self.path.parent)
 
         class Hints(FileSystemEventHandler):
             def on_any_event(self, event: FileSystemEvent) -> None:
-                names = {os.path.basename(os.fsdecode(p)) for p in (event.src_path, getattr(event, "dest_path", ""))}
-                if reloader.path.name in names:
+                paths = {os.fsdecode(p) for p in (event.src_path, getattr(event, "dest_path", ""))}
+                if reloader.path.name in {os.path.basename(p) for p in paths} or folder in paths:
                     reloader.hinted = True
                     reloader.wake()
 
+        if self._watched_folder is None:
+            return  # no folder to watch yet: polls look for it
         self._observer = InotifyObserver(generate_full_events=True)
-        self._observer.schedule(Hints(), str(self.path.parent), recursive=False)
+        self._observer.schedule(Hints(), folder, recursive=False)
         self._observer.start()
 
     def stop_watching(self) -> None:
+        self._watching = False
         if self._observer:
             self._observer.stop()
             self._observer.join(timeout=5)
@@ -91,6 +111,9 @@ class Reloader:
 
     def poll(self, force: bool = False) -> bool:
         """Start a background load if the file changed and held still since the last poll (or if forced)."""
+        if self._watching and _folder_identity(self.path.parent) != self._watched_folder:
+            self.stop_watching()
+            self.start_watching()
         seen = _signature(self.path)
         stable, self._last_seen = seen == self._last_seen, seen
         if self._thread is not None or seen is None:
