@@ -17,6 +17,7 @@ import multiprocessing
 import os
 import signal
 import stat
+import time
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -191,6 +192,7 @@ class DecodePool:
         service pings systemd's watchdog with it: a folder of huge PNGs can take minutes)."""
         self.workers = workers
         self.heartbeat, self.heartbeat_seconds = heartbeat, heartbeat_seconds
+        self._last_beat = time.monotonic()
         self._executor: ProcessPoolExecutor | None = self._start()
 
     @property
@@ -254,11 +256,18 @@ class DecodePool:
         return decoded
 
     def _outcome(self, future: Future) -> list[Decoded]:
+        """The future's result; meanwhile a heartbeat every `heartbeat_seconds`, counted across
+        waits, so that many waits of a little under the interval each still beat."""
         while self.heartbeat is not None:
-            try:
-                return future.result(timeout=self.heartbeat_seconds)
-            except TimeoutError:
+            left = self._last_beat + self.heartbeat_seconds - time.monotonic()
+            if left <= 0:
                 self.heartbeat()
+                self._last_beat = time.monotonic()
+                continue
+            try:
+                return future.result(timeout=left)
+            except TimeoutError:
+                continue
         return future.result()
 
     def close(self) -> None:

@@ -66,11 +66,10 @@ def test_recovery_moves_only_the_file_the_journal_recorded(tmp_path):
     (inbox / "other.jpg").write_bytes(b"new bytes under a recorded name")
     os.symlink("/etc/passwd", inbox / "link.jpg")
     (inbox / "was-link.jpg").write_bytes(b"a readable file where a symlink was recorded")
+    (inbox / "big.jpg").write_bytes(b"x" * 100)  # over the limit: recorded without a hash, and still so
     digest = hashlib.sha256(b"recorded bytes").hexdigest()
-    records = [
-        {"source": str(inbox / name), "dest": str(done / name), "sha256": sha}
-        for name, sha in [("same.jpg", digest), ("other.jpg", digest), ("link.jpg", None), ("was-link.jpg", None)]
-    ]
-    assert complete_moves(records) == 2
-    assert sorted(os.listdir(done)) == ["link.jpg", "same.jpg"]
+    recorded = {"same.jpg": digest, "other.jpg": digest, "link.jpg": None, "was-link.jpg": None, "big.jpg": None}
+    records = [{"source": str(inbox / name), "dest": str(done / name), "sha256": sha} for name, sha in recorded.items()]
+    assert complete_moves(records, max_bytes=50) == 3
+    assert sorted(os.listdir(done)) == ["big.jpg", "link.jpg", "same.jpg"]
     assert sorted(os.listdir(inbox)) == ["other.jpg", "was-link.jpg"]  # left for intake to take as new files

@@ -5,6 +5,7 @@ import hashlib
 import io
 import os
 import struct
+import time
 
 import pytest
 from PIL import Image, ImageOps
@@ -88,3 +89,16 @@ def test_the_pool_calls_its_heartbeat_while_a_slow_batch_decodes(tmp_path):
     with DecodePool(1, heartbeat=lambda: beats.append(1), heartbeat_seconds=0.01) as pool:
         (result,) = pool.wait(pool.start([big], 16, 16))
     assert result.pixels is not None and beats
+
+
+def test_the_heartbeat_counts_across_waits(tmp_path):
+    photos = []
+    for i in range(6):
+        photos.append(tmp_path / f"{i}.jpg")
+        photos[-1].write_bytes(image_bytes(colour=(i * 40, 100, 100)))
+    beats = []
+    with DecodePool(1, heartbeat=lambda: beats.append(1), heartbeat_seconds=0.1) as pool:
+        for path in photos:  # each wait far shorter than the interval, together longer
+            time.sleep(0.03)
+            pool.wait(pool.start([path], 16, 16))
+    assert beats

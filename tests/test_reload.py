@@ -10,6 +10,7 @@ from model import checkpoint as ckpt
 from model.network import GenderNet
 from model.preprocess import InputSpec
 from tests.conftest import make_tiny_checkpoint
+from watcher import reload
 from watcher.reload import Reloader, load_checked
 
 
@@ -82,3 +83,21 @@ def test_the_watch_follows_a_swapped_checkpoint_folder(tmp_path):
         assert reloader.poll() and collect(reloader).version == third
     finally:
         reloader.stop_watching()
+
+
+def test_a_watch_that_cannot_be_set_up_leaves_polling_to_retry(tmp_path, monkeypatch):
+    path = tmp_path / "model.pt"
+    make_tiny_checkpoint(path, seed=1)
+    reloader = Reloader(path, "auto", ckpt.load(path))
+
+    def no_watches(*args, **kwargs):
+        raise OSError(28, "inotify watch limit reached")
+
+    monkeypatch.setattr(reload.InotifyObserver, "schedule", no_watches)
+    reloader.start_watching()  # logs the failure instead of stopping the service
+    monkeypatch.undo()
+    second = make_tiny_checkpoint(tmp_path / "new.pt", seed=2)
+    os.rename(tmp_path / "new.pt", path)
+    reloader.poll()  # watches now, and sees the change
+    assert reloader.poll() and collect(reloader).version == second
+    reloader.stop_watching()

@@ -69,6 +69,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for folder in args.dev:
         if not folder.is_dir():
             p.error(f"--dev {folder} is not a folder")
+    if args.out.is_dir():
+        p.error(f"--out {args.out} is a folder; give the checkpoint's file name")
     out_folder = next((f for f in args.out.absolute().parents if f.exists()), None)
     if out_folder is None or not out_folder.is_dir() or not os.access(out_folder, os.W_OK | os.X_OK):
         p.error(f"--out {args.out}: cannot create it ({out_folder} is not a writable folder)")

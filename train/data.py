@@ -49,7 +49,7 @@ def find_labeled_images(root: str | Path, class_names: list[str]) -> list[tuple[
         if not folder.is_dir():
             raise SystemExit(f"class folder {folder} is missing (expected {', '.join(class_names)} under {root})")
         listed = [p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()]
-        files = sorted(p.resolve() if p.is_symlink() else p for p in listed)
+        files = sorted({p.resolve() if p.is_symlink() else p.absolute() for p in listed})  # a link beside its target: once
         if not files:
             raise SystemExit(f"class folder {folder} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
         found += [(p, label) for p in files]

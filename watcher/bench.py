@@ -302,8 +302,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-service", action="store_true", help="skip the service measurements")
     p.add_argument("--json", type=Path, default=Path("bench.json"))
     args = p.parse_args(argv)
-    # SIGTERM unwinds like Ctrl-C, so the service under test is stopped and the temp files removed.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     log.setup("warning", "json")
     if not args.data.is_dir():
         print(f"error: {args.data} is not a folder", file=sys.stderr)
@@ -359,4 +357,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    # SIGTERM unwinds like Ctrl-C, so the service under test is stopped and the temp files removed.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     sys.exit(main())

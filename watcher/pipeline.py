@@ -97,14 +97,14 @@ def commit(pending: PendingDecode, checkpoint: Checkpoint, pool: DecodePool, sto
     return records
 
 
-def complete_moves(records: list[dict]) -> int:
+def complete_moves(records: list[dict], max_bytes: int) -> int:
     """After a crash: move files whose result is durable but which are still in the inbox."""
     moved = 0
     for record in records:
         source, dest = Path(record["source"]), Path(record["dest"])
         if not os.path.lexists(source) or os.path.lexists(dest):
             continue
-        if _sha256(source) != record.get("sha256"):
+        if _sha256(source, max_bytes) != record.get("sha256"):
             # A different file dropped under the same name: intake will take it. A file recorded
             # without a hash could not be read, and is moved only while it still cannot be.
             continue
@@ -116,11 +116,13 @@ def complete_moves(records: list[dict]) -> int:
     return moved
 
 
-def _sha256(path: Path) -> str | None:
-    """Of a regular file's bytes; None for anything else (symlink, FIFO, folder) or when unreadable."""
+def _sha256(path: Path, max_bytes: int) -> str | None:
+    """Of a regular file's bytes; None where the decode workers record none: for anything else
+    (symlink, FIFO, folder), a file over max_bytes, or one that cannot be read."""
     try:
         with open(path, "rb", opener=lambda p, f: os.open(p, f | os.O_NOFOLLOW | os.O_NONBLOCK)) as fh:
-            if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
+            info = os.fstat(fh.fileno())
+            if not stat.S_ISREG(info.st_mode) or info.st_size > max_bytes:
                 return None
             return hashlib.file_digest(fh, "sha256").hexdigest()
     except OSError:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Callable
+from contextlib import suppress
 from pathlib import Path
 
 import torch
@@ -20,6 +21,7 @@ from watchdog.observers.inotify import InotifyObserver
 
 from model import checkpoint as ckpt
 from model.inference import model_input
+from watcher import log
 
 
 def canary(checkpoint: ckpt.Checkpoint, serving: ckpt.Checkpoint | None) -> None:
@@ -93,9 +95,17 @@ class Reloader:
 
         if self._watched_folder is None:
             return  # no folder to watch yet: polls look for it
-        self._observer = InotifyObserver(generate_full_events=True)
-        self._observer.schedule(Hints(), folder, recursive=False)
-        self._observer.start()
+        observer = InotifyObserver(generate_full_events=True)
+        try:
+            observer.schedule(Hints(), folder, recursive=False)
+            observer.start()
+        except OSError as exc:  # gone again, no permission, out of inotify watches: polls go on
+            with suppress(Exception):
+                observer.stop()
+            log.get().warning("checkpoint_watch_failed", folder=folder, reason=str(exc))
+            self._watched_folder = None  # the next poll tries again
+            return
+        self._observer = observer
 
     def stop_watching(self) -> None:
         self._watching = False

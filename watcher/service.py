@@ -86,7 +86,7 @@ def inbox_lock(inbox: Path):
 def open_store(config: Config) -> ResultStore:
     """Recover the results and finish moves that a crash interrupted."""
     store = ResultStore(config.results, config.journal, config.rotation["max_bytes"])
-    moved = pipeline.complete_moves(store.recover())
+    moved = pipeline.complete_moves(store.recover(), config.intake["max_file_bytes"])
     if moved:
         log.get().info("recovered", moved=moved)
     return store
@@ -116,8 +116,9 @@ class Service:
         signal.signal(signal.SIGHUP, self._on_hup)
         torch.set_num_threads(config.batch["torch_threads"])
         ping_every = watchdog_interval()
-        heartbeat = (lambda: notify("WATCHDOG=1")) if ping_every else None  # also while a slow batch decodes
-        with inbox_lock(config.inbox), DecodePool(config.batch["decode_processes"], heartbeat, ping_every or 5.0) as pool:
+        # The watchdog is pinged from the loop, and also while a slow batch decodes (huge PNGs).
+        beats = {"heartbeat": lambda: notify("WATCHDOG=1"), "heartbeat_seconds": ping_every} if ping_every else {}
+        with inbox_lock(config.inbox), DecodePool(config.batch["decode_processes"], **beats) as pool:
             model = load_checked(config.checkpoint, config.batch["precision"])
             store = open_store(config)
             intake = Intake(config.inbox, config.intake["settle_seconds"], self.waker.wake)
