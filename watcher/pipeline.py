@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import hashlib
 import os
-import stat
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 
 from model.checkpoint import Checkpoint
-from model.decode import DecodePool, PendingDecode
+from model.decode import DecodePool, ImageError, PendingDecode, read_image_bytes
 from model.files import file_identity, fsync_dir
 from model.inference import finish_batch, start_batch
 from watcher import log
@@ -117,13 +116,9 @@ def complete_moves(records: list[dict], max_bytes: int) -> int:
 
 
 def _sha256(path: Path, max_bytes: int) -> str | None:
-    """Of a regular file's bytes; None where the decode workers record none: for anything else
-    (symlink, FIFO, folder), a file over max_bytes, or one that cannot be read."""
+    """The hash the decode workers record: of the bytes `read_image_bytes` gives, None where it
+    refuses the file (symlink, FIFO, folder, over max_bytes, unreadable)."""
     try:
-        with open(path, "rb", opener=lambda p, f: os.open(p, f | os.O_NOFOLLOW | os.O_NONBLOCK)) as fh:
-            info = os.fstat(fh.fileno())
-            if not stat.S_ISREG(info.st_mode) or info.st_size > max_bytes:
-                return None
-            return hashlib.file_digest(fh, "sha256").hexdigest()
-    except OSError:
+        return hashlib.sha256(read_image_bytes(path, max_bytes)).hexdigest()
+    except ImageError:
         return None
