@@ -84,6 +84,20 @@ def test_service_paths_must_exist_and_be_writable(tmp_path, tiny_checkpoint):
             check_service_paths(cfg)
 
 
+def test_a_section_with_every_key_commented_out_takes_the_defaults(tmp_path):
+    cfg = configuration.load(write(tmp_path, "reload:\n  # poll_seconds: 30.0\n"))
+    assert cfg.reload == configuration.DEFAULTS["reload"]
+
+
+@pytest.mark.parametrize("text", ["done: inbox\n", "results: inbox/r.json\n", "failed: inbox/bad\n"])
+def test_outputs_inside_the_inbox_are_refused(tmp_path, tiny_checkpoint, text):
+    for name in ("inbox", "done", "failed", "results", "inbox/bad"):
+        (tmp_path / name).mkdir(exist_ok=True)
+    cfg = configuration.load(write(tmp_path, f"checkpoint: {tiny_checkpoint}\n{text}"))
+    with pytest.raises(ConfigError, match="inside the inbox"):
+        check_service_paths(cfg)
+
+
 def test_done_on_another_filesystem_is_refused(tmp_path, tiny_checkpoint):
     other = Path("/dev/shm")
     if not other.is_dir() or other.stat().st_dev == tmp_path.stat().st_dev:

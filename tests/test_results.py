@@ -73,6 +73,37 @@ def test_rotation_interrupted_between_renames_is_finished(tmp_path):
     assert numbered(s.journal, 1).exists() and json.loads(again.results.read_text()) == {}
 
 
+def test_rotation_never_leaves_the_results_file_missing(tmp_path, monkeypatch):
+    s = store_in(tmp_path, max_bytes=30)
+    s.recover()
+    s.commit([rec("a.jpg"), rec("b.jpg")])
+    seen = []
+    real_rename = os.rename
+
+    def rename(src, dst):  # the journal's rename, in the middle of the rotation
+        seen.append(json.loads(s.results.read_text()))
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", rename)
+    assert s.rotate_if_full() == 1
+    assert seen == [{"a.jpg": "female", "b.jpg": "female"}]
+    assert json.loads(s.results.read_text()) == {}
+    assert json.loads(numbered(s.results, 1).read_text()) == {"a.jpg": "female", "b.jpg": "female"}
+    s.close()
+
+
+def test_rotation_interrupted_after_the_link_is_finished(tmp_path):
+    s = store_in(tmp_path, max_bytes=10)
+    s.recover()
+    s.commit([rec("a.jpg")])
+    s.close()
+    os.link(s.results, numbered(s.results, 1))  # crash right after rotation's first step
+    again = store_in(tmp_path, max_bytes=10)
+    assert again.recover() == []
+    assert numbered(s.journal, 1).exists() and json.loads(again.results.read_text()) == {}
+    assert json.loads(numbered(s.results, 1).read_text()) == {"a.jpg": "female"}
+
+
 def test_an_old_numbered_journal_deleted_by_hand_leaves_the_current_one_alone(tmp_path):
     s = store_in(tmp_path, max_bytes=30)
     s.recover()

@@ -106,6 +106,10 @@ def test_damaged_checkpoint_leaves_the_old_model_serving(service, tmp_path):
     assert service.journal_records()[1]["checkpoint"] == new_version
     service.proc.send_signal(signal.SIGHUP)
     service.wait_for(lambda: any(e.get("reason") == "SIGHUP" for e in service.events("reload_start")), 30, "SIGHUP reload")
+    service.wait_for(lambda: len(service.events("reload")) == 2, 30, "SIGHUP reload done")
+    os.rename(ckpt_path, tmp_path / "aside.pt")
+    service.proc.send_signal(signal.SIGHUP)  # nothing to load: said, not silent
+    service.wait_for(lambda: any(e["reason"] == "file not found" for e in service.events("reload_refused")), 30, "refusal")
     assert service.stop() == 0
 
 

@@ -30,9 +30,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="with --once: move files to done/ and failed/ and keep rolling results, as the service does",
     )
-    p.add_argument(
-        "--output", type=Path, default=Path("process_results.json"), help="results file for --once (default: %(default)s)"
-    )
+    p.add_argument("--output", type=Path, help="results file for --once without --move (default: ./process_results.json)")
     return p.parse_args(argv)
 
 
@@ -56,6 +54,9 @@ def main(argv: list[str] | None = None) -> int:
                 return 2
             return service.Service(config).run()
         if args.move:
+            if args.output is not None:
+                print("error: --once --move keeps the configured rolling results; --output is for --once alone", file=sys.stderr)
+                return 2
             if args.once.resolve() != config.inbox:
                 print(f"error: --once --move works on the configured inbox ({config.inbox}), not {args.once}", file=sys.stderr)
                 return 2
@@ -64,11 +65,12 @@ def main(argv: list[str] | None = None) -> int:
         if not args.once.is_dir():
             print(f"error: {args.once} is not a folder", file=sys.stderr)
             return 2
-        if not os.access(args.output.parent, os.W_OK | os.X_OK):
-            print(f"error: cannot write {args.output}: {args.output.parent} is not a writable folder", file=sys.stderr)
+        output = args.output or Path("process_results.json")
+        if output.is_dir() or not os.access(output.parent, os.W_OK | os.X_OK):
+            print(f"error: cannot write {output}: it is a folder, or {output.parent} is not a writable one", file=sys.stderr)
             return 2
         with DecodePool(config.batch["decode_processes"]) as pool:
-            return once.classify_folder(args.once, args.output, config, pool)
+            return once.classify_folder(args.once, output, config, pool)
     except (configuration.ConfigError, CheckpointError, service.ServiceError) as exc:
         logger.error("cannot_start", reason=str(exc))
         print(f"error: {exc}", file=sys.stderr)

@@ -82,6 +82,7 @@ def _merge(defaults: dict, given: dict, prefix: str, source: str) -> dict:
         value = given.get(key, default)
         name = f"{prefix}{key}"
         if isinstance(default, dict):
+            value = {} if value is None else value  # a section whose keys are all commented out
             if not isinstance(value, dict):
                 raise ConfigError(f"{source}: '{name}' must be a mapping, found {type(value).__name__}")
             out[key] = _merge(default, value, name + ".", source)
@@ -134,6 +135,12 @@ def check_service_paths(config: Config) -> None:
             raise ConfigError(
                 f"{config.source}: '{key}' ({getattr(config, key)}) is on another filesystem than 'inbox' ({config.inbox}); "
                 "moves must be atomic renames"
+            )
+    for key in ("done", "failed", "results", "journal"):
+        path = getattr(config, key)
+        if path == config.inbox or config.inbox in path.parents:
+            raise ConfigError(
+                f"{config.source}: '{key}' ({path}) is inside the inbox ({config.inbox}); the service would take it as input"
             )
     if not config.checkpoint.is_file():
         raise ConfigError(f"{config.source}: 'checkpoint' ({config.checkpoint}) is not a file")

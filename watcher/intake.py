@@ -6,7 +6,8 @@ The directory listing is the truth; watch events are hints that make it fast. A 
   cannot see, lost events, files already there at start). Only the service's own monotonic
   clock counts: an mtime in the future (a camera's clock, `rsync -t` from a machine ahead) or a
   step of the system clock does not hold a file back.
-Names that are hidden or temporary (.*, *.part, *.tmp, *~) wait until renamed. Sub-folders are
+Names that are hidden or temporary (.*, *.part, *.crdownload, *.tmp, ... see WAITING_SUFFIXES)
+wait until renamed. Sub-folders are
 left alone. Symlinks, FIFOs, sockets and devices are ready at once, without waiting to settle: the
 pipeline quarantines them in failed/ without reading them.
 
@@ -33,7 +34,8 @@ from pathlib import Path
 
 from watcher import log
 
-WAITING_SUFFIXES = (".part", ".tmp", "~")
+# Firefox and curl write .part, Chrome and Edge .crdownload, Safari .download, others .partial.
+WAITING_SUFFIXES = (".part", ".partial", ".crdownload", ".download", ".tmp", "~")
 CLOSED, CHANGED = "closed", "changed"
 
 # inotify(7)

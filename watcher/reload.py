@@ -115,6 +115,11 @@ class Reloader:
             self._observer = None
 
     @property
+    def loading(self) -> bool:
+        """A load has started and its result has not been collected yet."""
+        return self._thread is not None
+
+    @property
     def changing(self) -> bool:
         """A change was seen that has not been loaded (or refused) yet: look again soon."""
         return self._last_seen != self._loaded_signature

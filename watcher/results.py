@@ -3,8 +3,9 @@
 The journal (JSON lines, one record per handled file) is the source of truth; the results file
 {"name.jpg": "female", ...} is derived from it and rewritten atomically after each batch. Each
 entry is encoded once, when it is added, so a batch costs about the same whether the file is
-nearly empty or nearly full. When the results file reaches its size limit, both are renamed to
-numbered files (process_results.1.json and journal.1.jsonl, then .2, ...) and fresh ones begin.
+nearly empty or nearly full. When the results file reaches its size limit, both become numbered
+files (process_results.1.json and journal.1.jsonl, then .2, ...) and fresh ones begin; the
+results file is never missing meanwhile.
 Commit order: see RELIABILITY.md. `encode_results` is the file's format, also for `--once`.
 """
 
@@ -38,12 +39,8 @@ class ResultStore:
     def recover(self) -> list[dict]:
         """Finish an interrupted rotation, drop a torn journal tail, rebuild the results file from
         the journal. Returns the current journal's records (for completing unfinished moves)."""
-        done = rotated_numbers(self.results)
-        # A crash between rotation's two renames leaves the newest results file numbered, its
-        # journal not yet, and no current results file (an operator's deleting an old numbered
-        # journal leaves the current results file in place: not that case).
-        if done and not numbered(self.journal, done[-1]).exists() and self.journal.exists() and not self.results.exists():
-            os.rename(self.journal, numbered(self.journal, done[-1]))
+        if self._rotation_interrupted():
+            os.rename(self.journal, numbered(self.journal, rotated_numbers(self.results)[-1]))
             fsync_dir(self.journal.parent)
         records = self._read_journal()
         self.current, self._entries = {}, bytearray()
@@ -51,6 +48,16 @@ class ResultStore:
         self._journal_file = open(self.journal, "ab")  # noqa: SIM115 (kept open for appends)
         fsync_dir(self.journal.parent)
         return records
+
+    def _rotation_interrupted(self) -> bool:
+        """A crash between rotation's two steps: the newest numbered results file is the current
+        one under a second name (or, where hard links fail, the current one is missing), and its
+        journal is not numbered yet. An operator's deleting an old numbered journal by hand
+        leaves a different current results file: not this case."""
+        done = rotated_numbers(self.results)
+        if not done or numbered(self.journal, done[-1]).exists() or not self.journal.exists():
+            return False
+        return not self.results.exists() or os.path.samefile(self.results, numbered(self.results, done[-1]))
 
     def _read_journal(self) -> list[dict]:
         if not self.journal.exists():
@@ -84,7 +91,12 @@ class ResultStore:
         if self.results.stat().st_size < self.max_bytes:
             return None
         n = max(rotated_numbers(self.results) + rotated_numbers(self.journal) + [0]) + 1
-        os.rename(self.results, numbered(self.results, n))
+        # A second name first: readers keep finding the full file at its own name until the empty
+        # one replaces it atomically below, so there is no moment without a results file.
+        try:
+            os.link(self.results, numbered(self.results, n))
+        except OSError:  # a filesystem without hard links: renamed, missing for a moment
+            os.rename(self.results, numbered(self.results, n))
         fsync_dir(self.results.parent)
         self._journal_file.close()
         os.rename(self.journal, numbered(self.journal, n))

@@ -186,6 +186,9 @@ class Service:
                     self.log.info(
                         "reload_start", path=str(config.checkpoint), reason="SIGHUP" if self.reload_requested else "changed"
                     )
+                elif self.reload_requested:  # say why a SIGHUP did nothing
+                    why = "a load is already running" if reloader.loading else "file not found"
+                    self.log.error("reload_refused", path=str(config.checkpoint), reason=why, serving=model.version)
                 self.reload_requested = False
                 next_reload_poll = now + (RELOAD_RECHECK if reloader.changing else config.reload["poll_seconds"])
             result = reloader.collect()
