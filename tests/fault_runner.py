@@ -77,14 +77,14 @@ def install(step: str, kind: str) -> None:
 
         pipeline.move_no_clobber = move
     if step == "rotate":
-        real_rename = os.rename
+        real_write = results.write_atomic
 
-        def rename(src, dst):
-            if ".1." in str(dst) and "journal" in str(dst):  # between the two renames of a rotation
+        def write(path, data):
+            if ".1." in path.name:  # the journal renamed, its numbered results file not yet written
                 fail(kind)
-            return real_rename(src, dst)
+            return real_write(path, data)
 
-        results.os.rename = rename
+        results.write_atomic = write
 
 
 if __name__ == "__main__":

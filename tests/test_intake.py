@@ -17,7 +17,7 @@ from watcher.intake import (
 
 
 def test_waiting_names():
-    for name in (".x.jpg", "a.part", "a.tmp", "a.jpg~", "a.jpg.crdownload", "a.jpg.download", "a.partial"):
+    for name in (".x.jpg", "a.part", "a.tmp", "a.jpg~", "a.jpg.crdownload", "a.partial"):
         assert is_waiting_name(name)
     assert not is_waiting_name("a.jpg")
 

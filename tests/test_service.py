@@ -109,7 +109,7 @@ def test_damaged_checkpoint_leaves_the_old_model_serving(service, tmp_path):
     service.wait_for(lambda: len(service.events("reload")) == 2, 30, "SIGHUP reload done")
     os.rename(ckpt_path, tmp_path / "aside.pt")
     service.proc.send_signal(signal.SIGHUP)  # nothing to load: said, not silent
-    service.wait_for(lambda: any(e["reason"] == "file not found" for e in service.events("reload_refused")), 30, "refusal")
+    service.wait_for(lambda: any("not found" in e["reason"] for e in service.events("reload_refused")), 30, "refusal")
     assert service.stop() == 0
 
 

@@ -136,11 +136,17 @@ def check_service_paths(config: Config) -> None:
                 f"{config.source}: '{key}' ({getattr(config, key)}) is on another filesystem than 'inbox' ({config.inbox}); "
                 "moves must be atomic renames"
             )
-    for key in ("done", "failed", "results", "journal"):
-        path = getattr(config, key)
-        if path == config.inbox or config.inbox in path.parents:
+    # Sub-folders of the inbox are left alone, so done/ and failed/ may be inside it; files in it are input.
+    for key, path in [
+        ("done", config.done),
+        ("failed", config.failed),
+        ("results", config.results.parent),
+        ("journal", config.journal.parent),
+    ]:
+        if path == config.inbox:
+            what = "is the inbox" if key in ("done", "failed") else "is written into the inbox"
             raise ConfigError(
-                f"{config.source}: '{key}' ({path}) is inside the inbox ({config.inbox}); the service would take it as input"
+                f"{config.source}: '{key}' ({getattr(config, key)}) {what} ({config.inbox}); the service would take it as input"
             )
     if not config.checkpoint.is_file():
         raise ConfigError(f"{config.source}: 'checkpoint' ({config.checkpoint}) is not a file")

@@ -34,8 +34,8 @@ from pathlib import Path
 
 from watcher import log
 
-# Firefox and curl write .part, Chrome and Edge .crdownload, Safari .download, others .partial.
-WAITING_SUFFIXES = (".part", ".partial", ".crdownload", ".download", ".tmp", "~")
+# Firefox and curl write .part, Chrome and Edge .crdownload, some tools .partial.
+WAITING_SUFFIXES = (".part", ".partial", ".crdownload", ".tmp", "~")
 CLOSED, CHANGED = "closed", "changed"
 
 # inotify(7)

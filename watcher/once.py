@@ -43,9 +43,9 @@ def classify_folder(folder: Path, output: Path, config: Config, pool: DecodePool
     logger = log.get()
     checkpoint = ckpt.load(config.checkpoint, config.batch["precision"])
     torch.set_num_threads(config.batch["torch_threads"])
-    output = output.resolve()
     # `--once .` writes its results into the folder itself: that file is not one to classify
-    files = [f for f in candidate_files(folder) if not (f.name == output.name and f.parent.resolve() == output.parent)]
+    out_folder = output.absolute().parent.resolve()
+    files = [f for f in candidate_files(folder) if not (f.name == output.name and f.parent.resolve() == out_folder)]
     logger.info("once_start", folder=str(folder), files=len(files), checkpoint=checkpoint.version)
     results: dict[str, str] = {}
     failures = 0

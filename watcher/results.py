@@ -39,34 +39,27 @@ class ResultStore:
     def recover(self) -> list[dict]:
         """Finish an interrupted rotation, drop a torn journal tail, rebuild the results file from
         the journal. Returns the current journal's records (for completing unfinished moves)."""
-        if self._rotation_interrupted():
-            os.rename(self.journal, numbered(self.journal, rotated_numbers(self.results)[-1]))
-            fsync_dir(self.journal.parent)
-        records = self._read_journal()
+        self._finish_rotation()
+        records = _read_records(self.journal)
         self.current, self._entries = {}, bytearray()
-        self._add({r["key"]: r["label"] for r in records if r.get("label")})
+        self._add(_labels(records))
         self._journal_file = open(self.journal, "ab")  # noqa: SIM115 (kept open for appends)
         fsync_dir(self.journal.parent)
         return records
 
-    def _rotation_interrupted(self) -> bool:
-        """A crash between rotation's two steps: the newest numbered results file is the current
-        one under a second name (or, where hard links fail, the current one is missing), and its
-        journal is not numbered yet. An operator's deleting an old numbered journal by hand
-        leaves a different current results file: not this case."""
-        done = rotated_numbers(self.results)
-        if not done or numbered(self.journal, done[-1]).exists() or not self.journal.exists():
-            return False
-        return not self.results.exists() or os.path.samefile(self.results, numbered(self.results, done[-1]))
-
-    def _read_journal(self) -> list[dict]:
-        if not self.journal.exists():
-            return []
-        data = self.journal.read_bytes()
-        good = data[: data.rfind(b"\n") + 1]  # a line without its newline was never committed
-        if len(good) != len(data):
-            os.truncate(self.journal, len(good))
-        return [json.loads(line) for line in good.splitlines() if line.strip()]
+    def _finish_rotation(self) -> None:
+        """Complete a rotation that a crash interrupted. Its first step, renaming the journal to
+        journal.N.jsonl, is its commit point: a newest numbered journal without its numbered
+        results file and with no current journal is one, and that results file is made from
+        the numbered journal. (A results file renamed away with its journal not yet renamed is
+        what versions before 2026-11-29 left.)"""
+        journals, results = rotated_numbers(self.journal), rotated_numbers(self.results)
+        if journals and not self.journal.exists() and not numbered(self.results, journals[-1]).exists():
+            records = _read_records(numbered(self.journal, journals[-1]))
+            write_atomic(numbered(self.results, journals[-1]), encode_results(_labels(records)))
+        elif results and not self.results.exists() and self.journal.exists() and results[-1] not in journals:
+            os.rename(self.journal, numbered(self.journal, results[-1]))
+            fsync_dir(self.journal.parent)
 
     def commit(self, records: list[dict]) -> None:
         """Append records and fsync: from here on they are durable. Then rewrite the results file."""
@@ -75,7 +68,7 @@ class ResultStore:
         self._journal_file.write(b"".join(_json(r) + b"\n" for r in records))
         self._journal_file.flush()
         os.fsync(self._journal_file.fileno())
-        self._add({r["key"]: r["label"] for r in records if r.get("label")})
+        self._add(_labels(records))
 
     def _add(self, labels: dict[str, str]) -> None:
         """Add labels and rewrite the results file: the bytes of json.dumps(current, indent=1)."""
@@ -91,16 +84,12 @@ class ResultStore:
         if self.results.stat().st_size < self.max_bytes:
             return None
         n = max(rotated_numbers(self.results) + rotated_numbers(self.journal) + [0]) + 1
-        # A second name first: readers keep finding the full file at its own name until the empty
-        # one replaces it atomically below, so there is no moment without a results file.
-        try:
-            os.link(self.results, numbered(self.results, n))
-        except OSError:  # a filesystem without hard links: renamed, missing for a moment
-            os.rename(self.results, numbered(self.results, n))
-        fsync_dir(self.results.parent)
         self._journal_file.close()
-        os.rename(self.journal, numbered(self.journal, n))
+        os.rename(self.journal, numbered(self.journal, n))  # the commit point (see _finish_rotation)
         fsync_dir(self.journal.parent)
+        # The full results file is written under its number, then replaced by an empty one
+        # atomically: a reader always finds a complete results file at its name.
+        write_atomic(numbered(self.results, n), _enclose(self._entries))
         self.current, self._entries = {}, bytearray()
         self._add({})
         self._journal_file = open(self.journal, "ab")  # noqa: SIM115
@@ -110,6 +99,22 @@ class ResultStore:
         if self._journal_file:
             self._journal_file.close()
             self._journal_file = None
+
+
+def _read_records(journal: Path) -> list[dict]:
+    """A journal's records; a torn last line (no newline: never committed) is cut off the file."""
+    if not journal.exists():
+        return []
+    data = journal.read_bytes()
+    good = data[: data.rfind(b"\n") + 1]
+    if len(good) != len(data):
+        os.truncate(journal, len(good))
+    return [json.loads(line) for line in good.splitlines() if line.strip()]
+
+
+def _labels(records: list[dict]) -> dict[str, str]:
+    """{key: label} of the classified files among journal records, a later label replacing an earlier one."""
+    return {r["key"]: r["label"] for r in records if r.get("label")}
 
 
 def encode_results(labels: dict[str, str]) -> bytes:

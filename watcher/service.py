@@ -186,9 +186,11 @@ class Service:
                     self.log.info(
                         "reload_start", path=str(config.checkpoint), reason="SIGHUP" if self.reload_requested else "changed"
                     )
-                elif self.reload_requested:  # say why a SIGHUP did nothing
-                    why = "a load is already running" if reloader.loading else "file not found"
-                    self.log.error("reload_refused", path=str(config.checkpoint), reason=why, serving=model.version)
+                elif self.reload_requested and reloader.loading:  # say why a SIGHUP did nothing
+                    self.log.info("reload_already_running", path=str(config.checkpoint))
+                elif self.reload_requested:
+                    reason = "file not found or not accessible"
+                    self.log.error("reload_refused", path=str(config.checkpoint), reason=reason, serving=model.version)
                 self.reload_requested = False
                 next_reload_poll = now + (RELOAD_RECHECK if reloader.changing else config.reload["poll_seconds"])
             result = reloader.collect()
