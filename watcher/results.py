@@ -93,6 +93,7 @@ class ResultStore:
         self.current, self._entries = {}, bytearray()
         self._add({})
         self._journal_file = open(self.journal, "ab")  # noqa: SIM115
+        fsync_dir(self.journal.parent)  # the new journal's name is durable before any record in it
         return n
 
     def close(self) -> None:
