@@ -79,6 +79,10 @@ def save(
     path.parent.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
     torch.save(payload, buffer)
+    try:  # never replace a good checkpoint with one that load() would refuse (e.g. a Path in meta)
+        torch.load(io.BytesIO(buffer.getvalue()), weights_only=True)
+    except Exception as exc:
+        raise ValueError(f"checkpoint for {path} would not load: {str(exc).splitlines()[0][:200]}") from None
     write_atomic(path, buffer.getvalue())
     return version
 

@@ -8,12 +8,13 @@ import pytest
 from PIL import Image, ImageDraw
 
 from model import checkpoint as ckpt
-from tests.conftest import image_bytes
+from model.network import GenderNet
+from tests.conftest import TINY_SPEC, image_bytes
 from train.__main__ import main as train_main
 from train.__main__ import parse_args
 from train.data import find_labeled_images
 from train.evaluate import main as evaluate_main
-from train.metrics import equal_recall_threshold
+from train.metrics import equal_recall_threshold, format_summary, summarize
 
 
 def make_faces(root, per_class=80, seed=0):
@@ -87,8 +88,11 @@ def test_missing_or_empty_class_folder_is_a_clear_error(tmp_path):
 
 def test_arguments_that_would_fail_after_training_are_refused_first(tmp_path, capsys):
     base = ["--data", str(tmp_path), "--out", str(tmp_path / "m.pt")]
+    (tmp_path / "one_class" / "female").mkdir(parents=True)
+    (tmp_path / "one_class" / "female" / "a.jpg").write_bytes(image_bytes())
     for extra, said in [
-        (["--dev", str(tmp_path / "nowhere")], "is not a folder"),
+        (["--dev", str(tmp_path / "nowhere")], "does not exist"),
+        (["--dev", str(tmp_path / "one_class")], "male is missing"),
         (["--epochs", "0"], "at least 1"),
         (["--limit", "-5"], "--limit"),
     ]:
@@ -125,6 +129,29 @@ def test_dev_folders_of_the_same_name_are_refused(capsys):
     with pytest.raises(SystemExit):
         parse_args(["--data", "d", "--out", "o.pt", "--dev", "a/test", "--dev", "b/test"])
     assert "repeat" in capsys.readouterr().err
+
+
+def test_a_class_with_nothing_to_score_is_not_zero_percent():
+    summary = summarize([0, 0, 0], [0, 0, 1], ["female", "male"])
+    assert summary["per_class"] == {"female": 2 / 3, "male": None}
+    assert "male n/a" in format_summary("x", summary, ["female", "male"])
+    assert summarize([], [], ["female", "male"])["accuracy"] is None
+
+
+def test_evaluate_fails_when_nothing_could_be_scored(trained, tmp_path, capsys):
+    _, _, out = trained
+    for name in ("female", "male"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "x.jpg").write_bytes(b"not an image")
+    assert evaluate_main([str(tmp_path), "--checkpoint", str(out)]) == 1
+    assert "no readable image" in capsys.readouterr().err
+
+
+def test_save_refuses_meta_that_load_would_refuse(tmp_path):
+    model = GenderNet(stem_width=4, widths=[8, 8])
+    with pytest.raises(ValueError, match="would not load"):
+        ckpt.save(tmp_path / "m.pt", model, {"stem_width": 4, "widths": [8, 8]}, TINY_SPEC, ["f", "m"], {"data": tmp_path})
+    assert not (tmp_path / "m.pt").exists()
 
 
 def test_equal_recall_threshold():

@@ -67,8 +67,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--dev folders are reported by name, and these repeat one: {', '.join(map(str, args.dev))}")
     # Checked now, not after half an hour of training: the folders to evaluate, and where to write.
     for folder in args.dev:
-        if not folder.is_dir():
-            p.error(f"--dev {folder} is not a folder")
+        try:
+            find_labeled_images(folder, CLASS_NAMES)
+        except SystemExit as exc:
+            p.error(f"--dev {folder}: {exc}")
     if args.out.is_dir():
         p.error(f"--out {args.out} is a folder; give the checkpoint's file name")
     out_folder = next((f for f in args.out.absolute().parents if f.exists()), None)
@@ -125,7 +127,7 @@ def train_epoch(
 ) -> tuple[float, float]:
     model.train()
     order = torch.randperm(len(data.labels), generator=gen)
-    progress = Progress(len(order), label, min_total=1)
+    progress = Progress(len(order) // batch_size * batch_size, label, min_total=1)
     loss_sum, correct, seen = 0.0, 0, 0
     for start in range(0, len(order) - batch_size + 1, batch_size):  # drop the ragged last batch (BatchNorm)
         idx = order[start : start + batch_size]

@@ -45,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--precision", choices=PRECISIONS, default="auto", help="forward-pass precision (auto: bfloat16 where fast)")
     p.add_argument("--json", type=Path, help="also write the results as JSON here")
     args = p.parse_args(argv)
+    if args.json and not args.json.absolute().parent.is_dir():
+        p.error(f"--json {args.json}: its folder does not exist")
     try:
         checkpoint = ckpt.load(args.checkpoint, args.precision)
     except ckpt.CheckpointError as exc:
@@ -60,6 +62,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  unreadable: {line}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
+    empty = [folder for folder, r in results.items() if not r["count"]]
+    if empty:
+        print(f"error: no readable image to score in {', '.join(empty)}", file=sys.stderr)
+        return 1
     return 0
 
 

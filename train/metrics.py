@@ -15,22 +15,28 @@ def confusion(truth: list[int], predicted: list[int], num_classes: int) -> list[
 
 
 def summarize(truth: list[int], predicted: list[int], class_names: list[str]) -> dict:
+    """Accuracy overall and per class; None where there is nothing to score (not 0 %, which
+    would read as every image wrong)."""
     matrix = confusion(truth, predicted, len(class_names))
     total = sum(map(sum, matrix))
     correct = sum(matrix[i][i] for i in range(len(class_names)))
     return {
         "count": total,
-        "accuracy": correct / total if total else 0.0,
-        "per_class": {name: (matrix[i][i] / sum(matrix[i]) if sum(matrix[i]) else 0.0) for i, name in enumerate(class_names)},
+        "accuracy": correct / total if total else None,
+        "per_class": {name: (matrix[i][i] / sum(matrix[i]) if sum(matrix[i]) else None) for i, name in enumerate(class_names)},
         "confusion": matrix,
     }
+
+
+def percent(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2%}"
 
 
 def format_summary(title: str, summary: dict, class_names: list[str]) -> str:
     width = max(len(n) for n in class_names) + 2
     lines = [
-        f"{title}: accuracy {summary['accuracy']:.2%} on {summary['count']} images",
-        "  per class: " + ", ".join(f"{n} {a:.2%}" for n, a in summary["per_class"].items()),
+        f"{title}: accuracy {percent(summary['accuracy'])} on {summary['count']} images",
+        "  per class: " + ", ".join(f"{n} {percent(a)}" for n, a in summary["per_class"].items()),
         "  confusion (rows: true, columns: predicted)",
         "  " + " " * width + "".join(f"{n:>{width}}" for n in class_names),
     ]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from train.metrics import format_summary
+from train.metrics import format_summary, percent
 
 COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40)]
 
@@ -107,7 +107,7 @@ def write_report(folder: Path, summary: dict, history: list[dict], class_names: 
     ]
     for name, s in rows:
         lines.append(
-            f"| {name} | {s['count']} | {s['accuracy']:.2%} | " + " | ".join(f"{a:.2%}" for a in s["per_class"].values()) + " |"
+            f"| {name} | {s['count']} | {percent(s['accuracy'])} | " + " | ".join(map(percent, s["per_class"].values())) + " |"
         )
     lines += ["", "```", format_summary("test split", summary["test"]["all"], class_names), "```", ""]
     lines += ["![training curves](curves.png)", "", "![confusion matrix](confusion.png)", ""]
