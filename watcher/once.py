@@ -44,8 +44,8 @@ def classify_folder(folder: Path, output: Path, config: Config, pool: DecodePool
     checkpoint = ckpt.load(config.checkpoint, config.batch["precision"])
     torch.set_num_threads(config.batch["torch_threads"])
     # `--once .` writes its results into the folder itself: that file is not one to classify
-    out_folder = output.absolute().parent.resolve()
-    files = [f for f in candidate_files(folder) if not (f.name == output.name and f.parent.resolve() == out_folder)]
+    own_output = output.name if output.absolute().parent.resolve() == folder.resolve() else None
+    files = [f for f in candidate_files(folder) if f.name != own_output]
     logger.info("once_start", folder=str(folder), files=len(files), checkpoint=checkpoint.version)
     results: dict[str, str] = {}
     failures = 0
