@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +27,7 @@ from torch import nn
 from model.files import write_atomic
 from model.network import ARCHITECTURES, fuse_for_inference
 from model.precision import uses_bfloat16
-from model.preprocess import InputSpec
+from model.preprocess import InputSpec, normalize
 
 FORMAT = "gender-watcher/1"
 REQUIRED_KEYS = ("format", "version", "arch", "arch_args", "input", "class_names", "state_dict", "meta")
@@ -79,10 +80,10 @@ def save(
     path.parent.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
     torch.save(payload, buffer)
-    try:  # never replace a good checkpoint with one that load() would refuse (e.g. a Path in meta)
-        torch.load(io.BytesIO(buffer.getvalue()), weights_only=True)
+    try:  # never replace a good checkpoint with one that load() would refuse (a Path in meta, NaN weights)
+        _checked(torch.load(io.BytesIO(buffer.getvalue()), weights_only=True), "float32")
     except Exception as exc:
-        raise ValueError(f"checkpoint for {path} would not load: {str(exc).splitlines()[0][:200]}") from None
+        raise ValueError(f"checkpoint for {path} would not load: {_first_line(exc)}") from None
     write_atomic(path, buffer.getvalue())
     return version
 
@@ -92,50 +93,105 @@ def load(path: str | Path, precision: str = "auto") -> Checkpoint:
     (see model.precision): batch norms folded into the convolutions and ReLUs joined to them,
     weights cast to bfloat16 where that is fast. Raise CheckpointError saying what is wrong."""
     path = Path(path)
-
-    def fail(reason: str) -> CheckpointError:
-        return CheckpointError(f"checkpoint {path}: {reason}")
-
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
-        raise fail("file not found") from None
+        raise CheckpointError(f"checkpoint {path}: file not found") from None
     except Exception as exc:  # torch raises many types for damaged or unsafe files
-        raise fail(f"cannot be read ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
+        raise CheckpointError(f"checkpoint {path}: cannot be read ({_first_line(exc)})") from None
+    try:
+        return _checked(payload, precision)
+    except CheckpointError as exc:
+        raise CheckpointError(f"checkpoint {path}: {exc}") from None
+
+
+def _first_line(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}"
+
+
+def _checked(payload: object, precision: str) -> Checkpoint:
+    """The checks of `load`, in an order that keeps a hostile file from costing much: everything
+    about the weights' sizes is compared with the architecture's before any weight is read."""
     if not isinstance(payload, dict):
-        raise fail(f"expected a dict, found {type(payload).__name__}")
+        raise CheckpointError(f"expected a dict, found {type(payload).__name__}")
     missing = [k for k in REQUIRED_KEYS if k not in payload]
     if missing:
-        raise fail(f"missing keys {missing}")
+        raise CheckpointError(f"missing keys {missing}")
     if payload["format"] != FORMAT:
-        raise fail(f"format {payload['format']!r} is not {FORMAT!r}")
+        raise CheckpointError(f"format {payload['format']!r} is not {FORMAT!r}")
     arch = ARCHITECTURES.get(payload["arch"]) if isinstance(payload["arch"], str) else None
     if arch is None:
-        raise fail(f"unknown architecture {payload['arch']!r} (known: {sorted(ARCHITECTURES)})")
+        raise CheckpointError(f"unknown architecture {payload['arch']!r} (known: {sorted(ARCHITECTURES)})")
     class_names = payload["class_names"]
-    if not (isinstance(class_names, list) and len(class_names) >= 2 and all(isinstance(c, str) for c in class_names)):
-        raise fail(f"class_names must be a list of at least two names, found {class_names!r}")
+    if not (
+        isinstance(class_names, list)
+        and len(class_names) >= 2
+        and all(isinstance(c, str) for c in class_names)
+        and len(set(class_names)) == len(class_names)
+    ):
+        raise CheckpointError(f"class_names must be a list of at least two different names, found {class_names!r}")
+    if not isinstance(payload["meta"], dict):
+        raise CheckpointError(f"meta must be a dict, found {type(payload['meta']).__name__}")
     try:
+        if not isinstance(payload["input"], dict):
+            raise TypeError(f"a dict is needed, found {type(payload['input']).__name__}")
         spec = InputSpec.from_dict(payload["input"])
-        model = arch(**payload["arch_args"], num_classes=len(class_names))
-    except (KeyError, TypeError, ValueError) as exc:
-        raise fail(f"bad input spec or architecture arguments: {exc}") from None
-    if not (8 <= spec.height <= 1024 and 8 <= spec.width <= 1024) or min(spec.std) <= 0:
-        raise fail(f"implausible input spec {spec}")
+    except Exception as exc:
+        raise CheckpointError(f"bad input spec {payload['input']!r}: {_first_line(exc)}") from None
+    numbers = (*spec.mean, *spec.std)
+    if not (
+        8 <= spec.height <= 1024
+        and 8 <= spec.width <= 1024
+        and len(spec.mean) == len(spec.std) == 3
+        and all(math.isfinite(v) for v in numbers)
+        and min(spec.std) > 0
+    ):
+        raise CheckpointError(f"implausible input spec {spec}")
+    arch_args = payload["arch_args"]
+    try:  # on the meta device: no memory is taken, however large the arguments ask it to be
+        with torch.device("meta"):
+            expected = arch(**arch_args, num_classes=len(class_names)).state_dict()
+    except Exception as exc:
+        raise CheckpointError(f"bad architecture arguments {arch_args!r}: {_first_line(exc)}") from None
     state = payload["state_dict"]
     if not (isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values())):
-        raise fail("state_dict is not a dict of tensors")
-    bad = [k for k, v in state.items() if torch.is_floating_point(v) and not torch.isfinite(v).all()]
-    if bad:
-        raise fail(f"non-finite values in {bad[:3]}")
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise fail(f"weights do not fit {payload['arch']}: {str(exc).splitlines()[0][:300]}") from None
+        raise CheckpointError("state_dict is not a dict of tensors")
+    if set(state) != set(expected):
+        missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected), key=str)
+        raise CheckpointError(f"weights do not fit {payload['arch']}: missing {missing[:3]}, unexpected {extra[:3]}")
+    for name, want in expected.items():
+        if state[name].shape != want.shape or state[name].dtype != want.dtype:
+            got, wanted = f"{tuple(state[name].shape)} {state[name].dtype}", f"{tuple(want.shape)} {want.dtype}"
+            raise CheckpointError(f"weights do not fit {payload['arch']}: {name} is {got}, expected {wanted}")
     if weights_hash(state) != str(payload["version"]).rsplit("-", 1)[-1]:
-        raise fail("weights do not match the hash in its version id (damaged or edited)")
-    if not isinstance(payload["meta"], dict):
-        raise fail(f"meta must be a dict, found {type(payload['meta']).__name__}")
+        raise CheckpointError("weights do not match the hash in its version id (damaged or edited)")
+    model = arch(**arch_args, num_classes=len(class_names))
+    model.load_state_dict(state, strict=True)
     dtype = torch.bfloat16 if uses_bfloat16(precision) else torch.float32
     model = fuse_for_inference(model.eval()).eval().to(dtype, memory_format=torch.channels_last)
-    return Checkpoint(model, spec, class_names, str(payload["version"]), dict(payload["meta"]), dtype)
+    # Checked on the weights as served: folding a negative running_var into a convolution, or casting
+    # a huge value, gives NaN or inf there, which the ReLUs would then hide behind a constant answer.
+    bad = [name for name, v in model.state_dict().items() if torch.is_floating_point(v) and not torch.isfinite(v).all()]
+    if bad:
+        raise CheckpointError(f"non-finite weights in {bad[:3]} (as served: batch norms folded, cast to {dtype})")
+    checkpoint = Checkpoint(model, spec, class_names, str(payload["version"]), dict(payload["meta"]), dtype)
+    _canary(checkpoint)
+    return checkpoint
+
+
+def _canary(checkpoint: Checkpoint) -> None:
+    """Raise CheckpointError unless the model gives two different images finite, different answers
+    of the right shape (a model that answers everything alike is broken, however valid its file)."""
+    spec = checkpoint.spec
+    ramp = torch.linspace(0, 255, spec.height * spec.width).to(torch.uint8).view(1, 1, spec.height, spec.width)
+    images = torch.cat([ramp, 255 - ramp]).expand(2, 3, -1, -1)
+    try:
+        with torch.inference_mode():
+            out = checkpoint.model(normalize(images, spec).to(checkpoint.dtype)).float()
+    except Exception as exc:  # e.g. an input too small for the network's pooling
+        raise CheckpointError(f"canary forward pass failed: {_first_line(exc)}") from None
+    if out.shape != (2, len(checkpoint.class_names)) or not torch.isfinite(out).all():
+        finite = "finite" if torch.isfinite(out).all() else "non-finite"
+        raise CheckpointError(f"canary forward pass gave {tuple(out.shape)} {finite} output")
+    if torch.equal(out[0], out[1]):
+        raise CheckpointError("canary forward pass gave two different images the same output (a constant model)")

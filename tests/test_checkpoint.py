@@ -6,6 +6,7 @@ import torch
 
 from model import checkpoint as ckpt
 from model.network import ConvReLU, GenderNet
+from model.preprocess import InputSpec
 from tests.conftest import TINY_ARCH, TINY_SPEC, make_tiny_checkpoint
 
 
@@ -109,12 +110,94 @@ def test_weights_of_another_shape(good):
     _refused(good, "do not fit")
 
 
+def _save_rehashed(payload, path):
+    """As a hostile or buggy writer would: the version's hash recomputed for the edited weights."""
+    payload["version"] = "edited-" + ckpt.weights_hash(payload["state_dict"])
+    torch.save(payload, path)
+
+
 def test_nan_weights(good):
     payload = _payload(good)
     name = next(k for k in payload["state_dict"] if k.endswith("weight"))
     payload["state_dict"][name][...] = float("nan")
-    torch.save(payload, good)
+    _save_rehashed(payload, good)
     _refused(good, "non-finite")
+
+
+def test_weights_that_turn_non_finite_as_served_are_refused(good):
+    """Left to the fused ReLUs, these give every image the same finite answer."""
+    payload = _payload(good)
+    var = next(k for k in payload["state_dict"] if k.endswith("running_var"))
+    payload["state_dict"][var][0] = -1.0  # folding the batch norm takes its square root
+    _save_rehashed(payload, good)
+    _refused(good, "non-finite weights")
+
+
+def test_weights_of_another_dtype_are_refused(good):
+    payload = _payload(good)
+    for dtype in (torch.float64, torch.bfloat16):
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in payload["state_dict"].items()}
+        torch.save(payload | {"state_dict": state}, good)
+        _refused(good, "expected .* torch.float32")
+
+
+def test_a_hostile_state_dict_is_refused_before_its_tensors_are_read(good):
+    payload = _payload(good)
+    huge = torch.zeros(1).expand(10**12)  # four terabytes as float32, eight bytes on disk
+    torch.save(payload | {"state_dict": payload["state_dict"] | {"extra": huge}}, good)
+    _refused(good, r"unexpected \['extra'\]")
+    torch.save(payload | {"state_dict": payload["state_dict"] | {3: torch.zeros(1)}}, good)
+    _refused(good, "unexpected")
+
+
+@pytest.mark.parametrize(
+    ("edit", "match"),
+    [
+        ({"arch_args": {"stem_width": -1, "widths": [8]}}, "bad architecture arguments"),
+        ({"arch_args": {"stem_width": 10**5, "widths": [10**5]}}, "do not fit"),  # 360 GB, never allocated
+        ({"arch_args": [4]}, "bad architecture arguments"),
+        ({"input": torch.zeros(3)}, "bad input spec"),
+        ({"input": {"height": 32, "width": 32, "mean": [0.5] * 3, "std": []}}, "implausible input spec"),
+        ({"input": {"height": 32, "width": 32, "mean": [0.5] * 2, "std": [0.2] * 3}}, "implausible input spec"),
+        ({"input": {"height": 32, "width": 32, "mean": [0.5] * 3, "std": [float("nan")] * 3}}, "implausible input spec"),
+        ({"input": {"height": 32, "width": 32, "mean": [float("inf")] * 3, "std": [0.2] * 3}}, "implausible input spec"),
+        ({"class_names": ["male", "male"]}, "two different names"),
+    ],
+)
+def test_bad_specs_are_refused_with_what_is_wrong(good, edit, match):
+    torch.save(_payload(good) | edit, good)
+    _refused(good, match)
+
+
+def test_a_network_too_deep_for_its_input_fails_its_canary(tmp_path):
+    path = tmp_path / "model.pt"
+    model = GenderNet(stem_width=4, widths=[8, 8, 8, 8]).eval()  # three 2x2 pools: an 8x8 input is too small
+    arch, spec = {"stem_width": 4, "widths": [8, 8, 8, 8]}, InputSpec(8, 8, (0.5,) * 3, (0.25,) * 3)
+    with pytest.raises(ValueError, match="canary forward pass failed"):
+        ckpt.save(path, model, arch, spec, ["f", "m"], {})
+    state = model.state_dict()
+    payload = {"format": ckpt.FORMAT, "arch": "GenderNet", "arch_args": arch, "input": spec.to_dict()}
+    _save_rehashed(payload | {"class_names": ["f", "m"], "state_dict": state, "meta": {}}, path)
+    _refused(path, "canary forward pass failed")
+
+
+def test_a_constant_model_fails_its_canary(good):
+    payload = _payload(good)
+    for name, value in payload["state_dict"].items():
+        if name.startswith("features") and name.endswith("weight"):
+            value.zero_()
+    _save_rehashed(payload, good)
+    _refused(good, "same output")
+
+
+def test_save_refuses_what_load_would_refuse_and_keeps_the_good_file(good):
+    before = good.read_bytes()
+    model = GenderNet(**TINY_ARCH).eval()
+    with torch.no_grad():
+        model.head[-1].bias[0] = float("nan")  # as a diverged training run leaves it
+    with pytest.raises(ValueError, match=r"would not load.*non-finite"):
+        ckpt.save(good, model, TINY_ARCH, TINY_SPEC, ["female", "male"], {})
+    assert good.read_bytes() == before
 
 
 def test_edited_weights_fail_the_hash(good):

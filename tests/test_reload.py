@@ -5,10 +5,9 @@ import os
 import time
 
 import pytest
+import torch
 
 from model import checkpoint as ckpt
-from model.network import GenderNet
-from model.preprocess import InputSpec
 from tests.conftest import make_tiny_checkpoint
 from watcher import reload
 from watcher.reload import Reloader, load_checked
@@ -50,12 +49,14 @@ def test_damaged_file_is_refused_once_until_it_changes(tmp_path):
     assert not reloader.poll() and not reloader.changing
 
 
-def test_a_checkpoint_that_fails_its_canary_is_a_checkpoint_error(tmp_path):
-    path = tmp_path / "model.pt"
-    model = GenderNet(stem_width=4, widths=[8, 8, 8, 8]).eval()  # three 2x2 pools: an 8x8 input is too small
-    ckpt.save(path, model, {"stem_width": 4, "widths": [8, 8, 8, 8]}, InputSpec(8, 8, (0.5,) * 3, (0.25,) * 3), ["f", "m"], {})
-    with pytest.raises(ckpt.CheckpointError, match="canary forward pass failed"):
-        load_checked(path, "float32")
+def test_a_checkpoint_with_other_class_names_is_refused_while_serving(tmp_path):
+    make_tiny_checkpoint(tmp_path / "a.pt")
+    serving = ckpt.load(tmp_path / "a.pt")
+    payload = torch.load(tmp_path / "a.pt", weights_only=True)
+    torch.save(payload | {"class_names": ["woman", "man"]}, tmp_path / "b.pt")
+    assert load_checked(tmp_path / "b.pt", "float32").class_names == ["woman", "man"]  # fine on its own
+    with pytest.raises(ckpt.CheckpointError, match=r"b\.pt: class names .* differ from the serving model's"):
+        load_checked(tmp_path / "b.pt", "float32", serving)
 
 
 def test_the_watch_follows_a_swapped_checkpoint_folder(tmp_path):
