@@ -46,7 +46,7 @@ def trained(tmp_path_factory):
 
 
 def test_smoke_run_writes_a_loadable_checkpoint_and_report(trained):
-    _, _, out = trained
+    _, data, out = trained
     loaded = ckpt.load(out)
     assert loaded.class_names == ["female", "male"] and loaded.spec.height == 32
     report = out.with_name("smoke-report")
@@ -59,6 +59,7 @@ def test_smoke_run_writes_a_loadable_checkpoint_and_report(trained):
     assert summary["command"].startswith("python -m train --data")
     assert set(summary["test"]) >= {"loss", "all", "female", "male"}  # per file-name source
     assert loaded.meta["test_accuracy"]["all"] == summary["test"]["all"]["accuracy"]
+    assert [line.split(":")[0] for line in summary["dev"]["faces"]["unreadable"]] == [str(data / "male" / "broken.jpg")]
     assert Image.open(report / "curves.png").size[0] > 100
 
 
@@ -95,6 +96,8 @@ def test_arguments_that_would_fail_after_training_are_refused_first(tmp_path, ca
         (["--dev", str(tmp_path / "one_class")], "male is missing"),
         (["--epochs", "0"], "at least 1"),
         (["--limit", "-5"], "--limit"),
+        (["--test-fraction", "-0.1"], "--test-fraction"),
+        (["--val-fraction", "0.6", "--test-fraction", "0.4"], "together below 1"),
     ]:
         with pytest.raises(SystemExit):
             parse_args(base + extra)
@@ -161,3 +164,14 @@ def test_equal_recall_threshold():
     t = equal_recall_threshold(margins, labels)
     assert 1.5 < t < 2.0  # both recalls 4/4
     assert equal_recall_threshold([-1.0, 1.0], [0, 1]) == 0.0  # already equal: no shift
+
+
+def test_a_diverging_run_stops_and_leaves_the_old_checkpoint(tmp_path):
+    data = make_faces(tmp_path / "faces", per_class=40)
+    out = tmp_path / "m.pt"
+    out.write_bytes(b"the previous checkpoint")
+    args = ["--data", str(data), "--out", str(out), "--epochs", "2", "--size", "32", "32", "--widths", "8", "16"]
+    args += ["--stem-width", "8", "--batch-size", "16", "--threads", "1", "--lr", "1e30"]
+    with pytest.raises(SystemExit, match="diverged in epoch 1"):
+        train_main(args)
+    assert out.read_bytes() == b"the previous checkpoint"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import math
 import os
 import shlex
 import sys
@@ -62,6 +63,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.limit < 0:
         p.error("--limit must be 0 (all images) or more")
+    if not (args.val_fraction > 0 and args.test_fraction > 0 and args.val_fraction + args.test_fraction < 1):
+        p.error("--val-fraction and --test-fraction must each be above 0, and together below 1")
     names = [folder.name for folder in args.dev]
     if len(set(names)) != len(names):
         p.error(f"--dev folders are reported by name, and these repeat one: {', '.join(map(str, args.dev))}")
@@ -203,6 +206,11 @@ def main(argv: list[str] | None = None) -> int:
         history.append(
             {"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc, "val_loss": val_loss, "val_acc": val_acc}
         )
+        if not (math.isfinite(train_loss) and math.isfinite(val_loss)):
+            raise SystemExit(
+                f"training diverged in epoch {epoch} (train loss {train_loss}, validation loss {val_loss}); "
+                f"{args.out} was not written. A lower --lr may help."
+            )
         if best is None or val_loss < best[1]:
             best = (epoch, val_loss, copy.deepcopy(model.state_dict()))
         print(
@@ -223,9 +231,12 @@ def main(argv: list[str] | None = None) -> int:
     print(format_summary("test split", test["all"], CLASS_NAMES))
     dev = {}
     for folder in args.dev:
-        dev_set, _ = load_dataset(find_labeled_images(folder, CLASS_NAMES), height, width)
+        dev_set, unreadable = load_dataset(find_labeled_images(folder, CLASS_NAMES), height, width)
         dev[folder.name] = summarize(dev_set.labels.tolist(), evaluate(model, dev_set, spec, args.precision)[1], CLASS_NAMES)
+        dev[folder.name]["unreadable"] = [f"{p}: {r}" for p, r in unreadable]
         print(format_summary(f"dev {folder}", dev[folder.name], CLASS_NAMES))
+        for path, reason in unreadable:
+            print(f"  unreadable: {path}: {reason}")
 
     summary = {
         "command": "python -m train " + shlex.join(sys.argv[1:] if argv is None else argv),
