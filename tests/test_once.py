@@ -2,10 +2,14 @@
 
 import json
 import os
+import time
 
+import pytest
 import yaml
 
 from tests.conftest import image_bytes, run_cli, write_config
+from watcher.once import _settled
+from watcher.service import ServiceError, inbox_lock
 
 
 def snapshot(folder):
@@ -73,6 +77,34 @@ def test_move_pass_takes_a_name_that_is_not_utf8(tmp_path, tiny_checkpoint):
     records = [json.loads(line) for line in (tmp_path / "results" / "journal.jsonl").read_bytes().splitlines()]
     assert sorted(os.fsencode(r["dest"]) for r in records) == sorted(os.fsencode(tmp_path / "done" / n) for n in (name, "ok.jpg"))
     assert set(json.loads((tmp_path / "results" / "process_results.json").read_bytes())) == {name, "ok.jpg"}
+
+
+def test_move_pass_keeps_an_uploaders_symlink_from_reaching_the_journal(tmp_path, tiny_checkpoint):
+    """The lock is on the inbox folder: a planted `.gender-watcher.lock` (where earlier versions kept
+    it) pointing at the journal is an ordinary hidden name, opened by nobody."""
+    config = write_config(tmp_path, tiny_checkpoint, intake={"settle_seconds": 0.0})
+    (tmp_path / "inbox" / "a.jpg").write_bytes(image_bytes())
+    assert run_cli("--config", str(config), "--once", str(tmp_path / "inbox"), "--move").returncode == 0
+    journal = tmp_path / "results" / "journal.jsonl"
+    before = journal.read_bytes()
+    os.symlink(journal, tmp_path / "inbox" / ".gender-watcher.lock")
+    assert run_cli("--config", str(config), "--once", str(tmp_path / "inbox"), "--move").returncode == 0
+    assert journal.read_bytes() == before
+
+
+def test_the_inbox_lock_holds_against_a_second_taker_and_names_the_first(tmp_path):
+    taken_twice = pytest.raises(ServiceError, match=f"another gender-watcher \\(pid {os.getpid()}\\) is working")
+    with inbox_lock(tmp_path), taken_twice, inbox_lock(tmp_path):
+        pass
+    with inbox_lock(tmp_path):  # released
+        pass
+
+
+def test_a_file_gone_since_the_listing_is_not_settled(tmp_path):
+    (tmp_path / "a.jpg").write_bytes(b"x")
+    assert _settled(tmp_path / "a.jpg", time.time() + 10, 1.0)
+    assert not _settled(tmp_path / "a.jpg", time.time(), 5.0)
+    assert not _settled(tmp_path / "gone.jpg", time.time(), 1.0)
 
 
 def test_default_output_is_process_results_json_in_the_current_folder(tmp_path, tiny_checkpoint):

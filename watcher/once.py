@@ -71,6 +71,16 @@ def classify_folder(folder: Path, output: Path, config: Config, pool: DecodePool
     return 1 if failures else 0
 
 
+def _settled(path: Path, now: float, settle: float) -> bool:
+    """Not modified within the last `settle` seconds (a future mtime counts as settled); a file
+    gone since the listing is not."""
+    try:
+        age = now - path.lstat().st_mtime
+    except FileNotFoundError:
+        return False
+    return not 0 <= age < settle
+
+
 def drain_inbox(config: Config, pool: DecodePool) -> int:
     """--once --move: the service's pipeline over the inbox, once. Files modified within the last
     `intake.settle_seconds` may still be being written and wait for the next pass; an mtime in
@@ -84,11 +94,7 @@ def drain_inbox(config: Config, pool: DecodePool) -> int:
         store = open_store(config)
         try:
             now, settle = time.time(), config.intake["settle_seconds"]
-            ready = [
-                p
-                for p in candidate_files(config.inbox)
-                if not is_waiting_name(p.name) and not 0 <= now - p.lstat().st_mtime < settle
-            ]
+            ready = [p for p in candidate_files(config.inbox) if not is_waiting_name(p.name) and _settled(p, now, settle)]
             logger.info("once_start", folder=str(config.inbox), files=len(ready), checkpoint=checkpoint.version)
             size = config.batch["max_size"]
             for start in range(0, len(ready), size):

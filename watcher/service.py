@@ -31,7 +31,6 @@ from watcher.notify import notify, watchdog_interval
 from watcher.reload import Reloader, load_checked
 from watcher.results import ResultStore
 
-LOCK_NAME = ".gender-watcher.lock"  # hidden, so intake never takes it
 RELOAD_RECHECK = 0.5  # seconds a changed checkpoint must hold still before it is loaded
 
 
@@ -68,19 +67,29 @@ class ServiceError(RuntimeError):
 
 @contextmanager
 def inbox_lock(inbox: Path):
-    """Exclusive lock on the inbox, held for the life of the service or a --once --move pass."""
-    fd = os.open(inbox / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    """Exclusive lock on the inbox, held for the life of the service or a --once --move pass. It is
+    an flock on the folder itself, not on a file in it: whoever may write into the inbox could
+    delete such a file, or replace it with a symlink to the journal, but cannot replace the folder."""
+    fd = os.open(inbox, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-            raise ServiceError(f"another gender-watcher (pid {holder}) is working {inbox} (lock {inbox / LOCK_NAME})") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
+            raise ServiceError(f"another gender-watcher (pid {_lock_holder(os.fstat(fd))}) is working {inbox}") from None
         yield
     finally:
         os.close(fd)
+
+
+def _lock_holder(info: os.stat_result) -> str:
+    """The pid that holds an flock on this file or folder, as /proc/locks lists it ("unknown" where
+    it cannot be read)."""
+    where = f"{os.major(info.st_dev):02x}:{os.minor(info.st_dev):02x}:{info.st_ino}"
+    with suppress(OSError):
+        for fields in (line.split() for line in Path("/proc/locks").read_text().splitlines()):
+            if "FLOCK" in fields and where in fields:
+                return fields[fields.index(where) - 1]
+    return "unknown"
 
 
 def open_store(config: Config) -> ResultStore:
