@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-from watcher.moves import move_no_clobber, unique_name
+from watcher.moves import COUNTED, move_no_clobber, unique_name
 from watcher.pipeline import complete_moves
 
 
@@ -14,6 +14,18 @@ def test_unique_name(tmp_path):
     assert unique_name(tmp_path, "a.jpg", {"a__2.jpg"}) == "a__3.jpg"
     (tmp_path / "noext").write_text("x")
     assert unique_name(tmp_path, "noext") == "noext__2"
+
+
+def test_a_name_repeated_past_the_counted_ones_costs_few_lookups(tmp_path, monkeypatch):
+    (tmp_path / "a.jpg").write_text("x")
+    for n in range(2, COUNTED + 1):
+        (tmp_path / f"a__{n}.jpg").write_text("x")
+    looked = []
+    real = os.path.lexists
+    monkeypatch.setattr(os.path, "lexists", lambda p: looked.append(p) or real(p))
+    other = unique_name(tmp_path, "a.jpg")
+    assert not (tmp_path / other).exists() and other.startswith("a__") and other.endswith(".jpg")
+    assert int(other[3:-4]) > COUNTED and len(looked) <= COUNTED + 2
 
 
 def test_unique_name_stays_within_name_max(tmp_path):

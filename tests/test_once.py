@@ -1,5 +1,6 @@
 """`python -m watcher --once DIR`: output format, exit codes, and DIR left untouched."""
 
+import fcntl
 import json
 import os
 import time
@@ -8,8 +9,9 @@ import pytest
 import yaml
 
 from tests.conftest import image_bytes, run_cli, write_config
+from watcher import config as configuration
 from watcher.once import _settled
-from watcher.service import ServiceError, inbox_lock
+from watcher.service import LOCK_NAME, ServiceError, instance_lock
 
 
 def snapshot(folder):
@@ -80,8 +82,8 @@ def test_move_pass_takes_a_name_that_is_not_utf8(tmp_path, tiny_checkpoint):
 
 
 def test_move_pass_keeps_an_uploaders_symlink_from_reaching_the_journal(tmp_path, tiny_checkpoint):
-    """The lock is on the inbox folder: a planted `.gender-watcher.lock` (where earlier versions kept
-    it) pointing at the journal is an ordinary hidden name, opened by nobody."""
+    """The lock file lives beside the journal: a planted `.gender-watcher.lock` in the inbox (where
+    earlier versions kept it) pointing at the journal is an ordinary hidden name, opened by nobody."""
     config = write_config(tmp_path, tiny_checkpoint, intake={"settle_seconds": 0.0})
     (tmp_path / "inbox" / "a.jpg").write_bytes(image_bytes())
     assert run_cli("--config", str(config), "--once", str(tmp_path / "inbox"), "--move").returncode == 0
@@ -92,12 +94,34 @@ def test_move_pass_keeps_an_uploaders_symlink_from_reaching_the_journal(tmp_path
     assert journal.read_bytes() == before
 
 
-def test_the_inbox_lock_holds_against_a_second_taker_and_names_the_first(tmp_path):
+def test_the_lock_holds_against_a_second_taker_and_names_the_first(tmp_path, tiny_checkpoint):
+    config = configuration.load(write_config(tmp_path, tiny_checkpoint))
     taken_twice = pytest.raises(ServiceError, match=f"another gender-watcher \\(pid {os.getpid()}\\) is working")
-    with inbox_lock(tmp_path), taken_twice, inbox_lock(tmp_path):
+    with instance_lock(config), taken_twice, instance_lock(config):
         pass
-    with inbox_lock(tmp_path):  # released
+    with instance_lock(config):  # released
         pass
+
+
+def test_an_uploader_holding_a_lock_on_the_inbox_does_not_keep_the_pass_out(tmp_path, tiny_checkpoint):
+    config = write_config(tmp_path, tiny_checkpoint, intake={"settle_seconds": 0.0})
+    (tmp_path / "inbox" / "a.jpg").write_bytes(image_bytes())
+    fd = os.open(tmp_path / "inbox", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert run_cli("--config", str(config), "--once", str(tmp_path / "inbox"), "--move").returncode == 0
+    finally:
+        os.close(fd)
+    assert os.listdir(tmp_path / "done") == ["a.jpg"]
+
+
+def test_a_lock_file_replaced_by_a_symlink_is_refused(tmp_path, tiny_checkpoint):
+    config = configuration.load(write_config(tmp_path, tiny_checkpoint))
+    (tmp_path / "elsewhere").write_text("keep me")
+    (config.journal.parent / LOCK_NAME).symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(ServiceError, match="cannot open the lock file"), instance_lock(config):
+        pass
+    assert (tmp_path / "elsewhere").read_text() == "keep me"
 
 
 def test_a_file_gone_since_the_listing_is_not_settled(tmp_path):

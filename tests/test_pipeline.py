@@ -62,6 +62,57 @@ def test_a_file_deleted_before_its_move_does_not_stop_the_batch(stage):
     assert os.listdir(config.done) == ["kept.jpg"]
 
 
+@pytest.mark.parametrize("intruder", ["folder", "symlink"])
+def test_an_entry_swapped_in_before_the_move_never_reaches_done(stage, intruder):
+    """An uploader swaps their own folder or symlink in under the photo's name once it is checked:
+    what the rename moved is not the photo, so it goes back to the inbox (under a free name: here
+    its own again)."""
+    config, model, store, pool = stage
+    photo = config.inbox / "photo.jpg"
+    photo.write_bytes(image_bytes())
+    real_commit = store.commit
+
+    def commit_then_swap(records):
+        real_commit(records)
+        os.rename(photo, config.inbox / ".hidden.jpg")
+        if intruder == "folder":
+            photo.mkdir()
+        else:
+            photo.symlink_to("/etc/hostname")
+
+    store.commit = commit_then_swap
+    records = pipeline.commit(pipeline.start([photo], model, pool, config), model, pool, store, config)
+    assert [r["key"] for r in records] == ["photo.jpg"]
+    assert os.listdir(config.done) == []
+    assert sorted(os.listdir(config.inbox)) == [".hidden.jpg", "photo.jpg"]
+    assert photo.is_dir() == (intruder == "folder") and photo.is_symlink() == (intruder == "symlink")
+
+
+def test_an_entry_swapped_in_that_cannot_be_moved_does_not_stop_the_batch(stage, monkeypatch):
+    """A folder of another user cannot be renamed into done/ (its '..' would change): PermissionError."""
+    config, model, store, pool = stage
+    photo, kept = config.inbox / "photo.jpg", config.inbox / "kept.jpg"
+    photo.write_bytes(image_bytes())
+    kept.write_bytes(image_bytes(colour=(0, 0, 0)))
+    real_commit, real_move = store.commit, pipeline.move_no_clobber
+
+    def commit_then_swap(records):
+        real_commit(records)
+        photo.unlink()
+        photo.mkdir()
+
+    def move(source, dest):
+        if source.is_dir():
+            raise PermissionError(13, "Permission denied")
+        real_move(source, dest)
+
+    store.commit = commit_then_swap
+    monkeypatch.setattr(pipeline, "move_no_clobber", move)
+    records = pipeline.commit(pipeline.start([photo, kept], model, pool, config), model, pool, store, config)
+    assert {r["key"] for r in records} == {"photo.jpg", "kept.jpg"}
+    assert os.listdir(config.done) == ["kept.jpg"] and photo.is_dir()
+
+
 def test_any_exception_while_decoding_fails_only_that_file(tmp_path, monkeypatch):
     broken, good = tmp_path / "broken.jpg", tmp_path / "good.jpg"
     broken.write_bytes(image_bytes(colour=(1, 2, 3)))

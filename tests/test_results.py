@@ -3,7 +3,7 @@
 import json
 import os
 
-from watcher.results import ResultStore, encode_results, numbered
+from watcher.results import JOURNAL_SHARE, ResultStore, encode_results, numbered
 
 
 def rec(key, label="female"):
@@ -59,6 +59,21 @@ def test_rotation_numbers_both_files(tmp_path):
     assert s.rotate_if_full() == 2
     s.commit([rec("e.jpg")])
     assert s.rotate_if_full() is None
+    s.close()
+
+
+def test_a_journal_of_failed_files_rolls_over_by_itself(tmp_path):
+    """Failed files add journal records but no results entries: without a limit of its own the
+    journal, read whole at every start, would grow without end."""
+    s = store_in(tmp_path, max_bytes=100)
+    s.recover()
+    failed = {"key": "x.jpg", "status": "failed", "reason": "not a readable image " + "x" * 60}
+    rotated = None
+    for i in range(40):
+        s.commit([failed | {"key": f"x{i}.jpg"}])
+        rotated = s.rotate_if_full() or rotated
+    assert rotated and json.loads(s.results.read_text()) == {}
+    assert s.journal.stat().st_size < JOURNAL_SHARE * 100
     s.close()
 
 

@@ -136,17 +136,18 @@ def check_service_paths(config: Config) -> None:
                 f"{config.source}: '{key}' ({getattr(config, key)}) is on another filesystem than 'inbox' ({config.inbox}); "
                 "moves must be atomic renames"
             )
-    # Sub-folders of the inbox are left alone, so done/ and failed/ may be inside it; files in it are input.
+    # Nothing the service writes may live in the inbox: files there are input, and whoever may write
+    # into the inbox can rename a sub-folder of it and put a symlink to anywhere in its place.
     for key, path in [
         ("done", config.done),
         ("failed", config.failed),
         ("results", config.results.parent),
         ("journal", config.journal.parent),
     ]:
-        if path == config.inbox:
-            what = "is the inbox" if key in ("done", "failed") else "is written into the inbox"
+        if path.is_relative_to(config.inbox):
             raise ConfigError(
-                f"{config.source}: '{key}' ({getattr(config, key)}) {what} ({config.inbox}); the service would take it as input"
+                f"{config.source}: '{key}' ({getattr(config, key)}) is inside the inbox ({config.inbox}); "
+                "whoever may write into the inbox could replace it, and files written there would be taken as input"
             )
     if not config.checkpoint.is_file():
         raise ConfigError(f"{config.source}: 'checkpoint' ({config.checkpoint}) is not a file")

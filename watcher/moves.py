@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import random
 from collections.abc import Container
 from pathlib import Path
 
 NAME_MAX = 255
+COUNTED = 100  # repeats of one name numbered __2 ... __100; after that, numbers at random
 
 
 def unique_name(folder: Path, name: str, taken: Container[str] = ()) -> str:
@@ -18,7 +20,8 @@ def unique_name(folder: Path, name: str, taken: Container[str] = ()) -> str:
         stem, dot, suffix = name, "", ""
     candidate, n = name, 1
     while candidate in taken or os.path.lexists(folder / candidate):
-        n += 1
+        # Counting up, then at random: a name sent thousands of times must not cost thousands of lookups.
+        n = n + 1 if n < COUNTED else random.randrange(COUNTED, 10**9)
         tail, cut = f"__{n}{dot}{suffix}", stem
         while len(os.fsencode(cut + tail)) > NAME_MAX:  # by characters: never half of one
             cut = cut[:-1]
@@ -29,8 +32,8 @@ def unique_name(folder: Path, name: str, taken: Container[str] = ()) -> str:
 def move_no_clobber(source: Path, destination: Path) -> None:
     """Rename source to destination (same filesystem), refusing to replace an existing file.
 
-    The service is the only writer of done/ and failed/ (it holds the inbox lock), so the check
-    before the rename cannot race with another move of ours.
+    The service is the only writer of done/ and failed/ (it holds the lock of its results folder),
+    so the check before the rename cannot race with another move of ours.
     """
     if os.path.lexists(destination):
         raise FileExistsError(f"{destination} already exists; not overwriting it with {source}")

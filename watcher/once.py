@@ -25,7 +25,7 @@ from watcher.intake import is_waiting_name
 from watcher.pipeline import process_batch
 from watcher.reload import load_checked
 from watcher.results import encode_results
-from watcher.service import inbox_lock, open_store
+from watcher.service import instance_lock, open_store
 
 # Batches whose decoding is under way ahead of the one the model is on.
 LOOKAHEAD = 4
@@ -89,7 +89,7 @@ def drain_inbox(config: Config, pool: DecodePool) -> int:
     check_service_paths(config)
     torch.set_num_threads(config.batch["torch_threads"])
     failures = handled = 0
-    with inbox_lock(config.inbox):
+    with instance_lock(config):
         checkpoint = load_checked(config.checkpoint, config.batch["precision"])
         store = open_store(config)
         try:

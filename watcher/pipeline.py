@@ -19,7 +19,7 @@ from pathlib import Path
 
 from model.checkpoint import Checkpoint
 from model.decode import DecodePool, ImageError, PendingDecode, read_image_bytes
-from model.files import file_identity, fsync_dir
+from model.files import Identity, file_identity, fsync_dir
 from model.inference import finish_batch, start_batch
 from watcher import log
 from watcher.config import Config
@@ -43,7 +43,7 @@ def commit(pending: PendingDecode, checkpoint: Checkpoint, pool: DecodePool, sto
     outcomes = finish_batch(pending, checkpoint, pool)
     now = datetime.now(UTC).isoformat(timespec="milliseconds")
     taken = {config.done: set(store.current), config.failed: set()}
-    records = []
+    records, identities = [], []
     for outcome in outcomes:
         now_there = file_identity(outcome.path)
         if now_there is None:
@@ -72,14 +72,10 @@ def commit(pending: PendingDecode, checkpoint: Checkpoint, pool: DecodePool, sto
             record["reason"] = outcome.error
             logger.warning("failed", file=outcome.path.name, reason=outcome.error, moved_to=record["dest"])
         records.append(record)
+        identities.append(outcome.identity)
     store.commit(records)
-    for record in records:
-        try:
-            move_no_clobber(Path(record["source"]), Path(record["dest"]))
-        except FileNotFoundError:
-            if os.path.lexists(record["source"]):
-                raise  # the destination folder is gone: not something to go on from
-            logger.warning("vanished_before_move", file=Path(record["source"]).name, result_kept=record["key"])
+    for record, identity in zip(records, identities, strict=True):
+        _move(Path(record["source"]), Path(record["dest"]), identity, record["key"])
     for folder in {config.inbox, config.done, config.failed}:
         fsync_dir(folder)
     rotated = store.rotate_if_full()
@@ -94,6 +90,28 @@ def commit(pending: PendingDecode, checkpoint: Checkpoint, pool: DecodePool, sto
             checkpoint=checkpoint.version,
         )
     return records
+
+
+def _move(source: Path, dest: Path, identity: Identity | None, key: str) -> None:
+    """Move a committed file to its destination. Between the identity check and the rename, whoever
+    may write into the inbox can swap something else in under the file's name (a folder, a
+    symlink): that is never left in done/ or failed/, and never stops the service."""
+    logger = log.get()
+    try:
+        move_no_clobber(source, dest)
+    except FileNotFoundError:
+        if os.path.lexists(source):
+            raise  # the destination folder is gone: not something to go on from
+        logger.warning("vanished_before_move", file=source.name, result_kept=key)
+        return
+    except OSError:
+        if file_identity(source) == identity:
+            raise  # the file itself cannot be moved: not something to go on from
+        logger.warning("replaced_before_move", file=source.name, result_kept=key)  # e.g. a folder we may not rename
+        return
+    if file_identity(dest) != identity:
+        move_no_clobber(dest, source.parent / unique_name(source.parent, source.name))
+        logger.warning("replaced_before_move", file=source.name, result_kept=key)
 
 
 def complete_moves(records: list[dict], max_bytes: int) -> int:

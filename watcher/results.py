@@ -18,6 +18,11 @@ from pathlib import Path
 
 from model.files import fsync_dir, write_atomic
 
+# A journal record is about 12 times the size of a results entry; a journal that grows past this
+# many times max_bytes is mostly failed files, and rolls over by itself, so that one start-up never
+# reads an unbounded journal.
+JOURNAL_SHARE = 16
+
 
 def numbered(path: Path, n: int) -> Path:
     """process_results.json -> process_results.<n>.json"""
@@ -80,8 +85,10 @@ class ResultStore:
         write_atomic(self.results, _enclose(self._entries))
 
     def rotate_if_full(self) -> int | None:
-        """Roll both files over once the results file reaches max_bytes; returns the new number."""
-        if self.results.stat().st_size < self.max_bytes:
+        """Roll both files over once the results file reaches max_bytes, or the journal JOURNAL_SHARE
+        times that (it holds failed files too, which the results file does not); returns the new number."""
+        journal_bytes = os.fstat(self._journal_file.fileno()).st_size
+        if self.results.stat().st_size < self.max_bytes and journal_bytes < JOURNAL_SHARE * self.max_bytes:
             return None
         n = max(rotated_numbers(self.results) + rotated_numbers(self.journal) + [0]) + 1
         self._journal_file.close()

@@ -16,6 +16,7 @@ import os
 import select
 import signal
 import socket
+import stat
 import time
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -65,31 +66,33 @@ class ServiceError(RuntimeError):
     """Start-up cannot go on; the message says why."""
 
 
+LOCK_NAME = ".gender-watcher.lock"
+
+
 @contextmanager
-def inbox_lock(inbox: Path):
-    """Exclusive lock on the inbox, held for the life of the service or a --once --move pass. It is
-    an flock on the folder itself, not on a file in it: whoever may write into the inbox could
-    delete such a file, or replace it with a symlink to the journal, but cannot replace the folder."""
-    fd = os.open(inbox, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+def instance_lock(config: Config):
+    """Exclusive lock held for the life of the service or a --once --move pass: one instance per
+    journal. The lock file lives beside the journal, in a folder that only the service writes (the
+    inbox will not do: whoever may write into it could delete or replace the file, or hold a lock
+    on the folder and so keep the service from ever starting again)."""
+    path = config.journal.parent / LOCK_NAME
     try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise ServiceError(f"cannot open the lock file {path}: {exc.strerror}") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ServiceError(f"the lock file {path} is not a regular file")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise ServiceError(f"another gender-watcher (pid {_lock_holder(os.fstat(fd))}) is working {inbox}") from None
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            raise ServiceError(f"another gender-watcher (pid {holder}) is working {config.journal} (lock {path})") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
         yield
     finally:
         os.close(fd)
-
-
-def _lock_holder(info: os.stat_result) -> str:
-    """The pid that holds an flock on this file or folder, as /proc/locks lists it ("unknown" where
-    it cannot be read)."""
-    where = f"{os.major(info.st_dev):02x}:{os.minor(info.st_dev):02x}:{info.st_ino}"
-    with suppress(OSError):
-        for fields in (line.split() for line in Path("/proc/locks").read_text().splitlines()):
-            if "FLOCK" in fields and where in fields:
-                return fields[fields.index(where) - 1]
-    return "unknown"
 
 
 def open_store(config: Config) -> ResultStore:
@@ -127,7 +130,7 @@ class Service:
         ping_every = watchdog_interval()
         # The watchdog is pinged from the loop, and also while a slow batch decodes (huge PNGs).
         beats = {"heartbeat": lambda: notify("WATCHDOG=1"), "heartbeat_seconds": ping_every} if ping_every else {}
-        with inbox_lock(config.inbox), DecodePool(config.batch["decode_processes"], **beats) as pool:
+        with instance_lock(config), DecodePool(config.batch["decode_processes"], **beats) as pool:
             model = load_checked(config.checkpoint, config.batch["precision"])
             store = open_store(config)
             intake = Intake(config.inbox, config.intake["settle_seconds"], self.waker.wake)
