@@ -5,8 +5,8 @@ it, classifies and commits. Splitting the two lets the service decode the next b
 classifies and commits this one.
 
 Used by the service and by `--once --move`. Any exception from the journal, the results file or
-a move (other than of a file deleted meanwhile) propagates: the caller stops, and the next
-start's `recover` completes the work.
+a move (other than of a file deleted, or swapped for something else, meanwhile) propagates: the
+caller stops, and the next start's `recover` completes the work.
 """
 
 from __future__ import annotations
