@@ -3,7 +3,7 @@
 Makes the model robust to what real photos vary in: looser and tighter crops (scale, shift,
 aspect), small rotations, mirror images, lighting and colour, grey images, blur and low
 resolution, sensor noise, partial occlusion, and glasses (in CelebA they go mostly with men,
-while women with glasses are common elsewhere). Half the faces of every source are moved to one
+while women with glasses are common elsewhere). Two thirds of the faces of every source are moved to one
 spread of sizes, so that how tightly a source crops cannot stand in for the source itself.
 Works on whole batches with tensor ops, so it costs little next to the forward pass.
 """
@@ -93,7 +93,9 @@ def _glasses(x: torch.Tensor, eyes: torch.Tensor, gen: torch.Generator, s: float
 TARGET_HALF_EYES = (0.12, 0.26)
 TARGET_EYE_LINE = (0.33, 0.5)
 # Share of the images moved there; the others keep their source's own scale, zoomed by OWN_ZOOM.
-MOVED_SHARE = 0.5
+# 0.65 rather than 0.5: UTKFace +0.5 and +0.6 points with two seeds, pooled held-out accuracy
+# unchanged (train/SWEEP.md, session 9).
+MOVED_SHARE = 0.65
 OWN_ZOOM = (0.75, 1.3)
 
 
