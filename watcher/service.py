@@ -32,6 +32,7 @@ from watcher.notify import notify, watchdog_interval
 from watcher.reload import Reloader, load_checked
 from watcher.results import ResultStore
 
+LOCK_NAME = ".gender-watcher.lock"  # beside the journal (instance_lock)
 RELOAD_RECHECK = 0.5  # seconds a changed checkpoint must hold still before it is loaded
 
 
@@ -64,9 +65,6 @@ class Waker:
 
 class ServiceError(RuntimeError):
     """Start-up cannot go on; the message says why."""
-
-
-LOCK_NAME = ".gender-watcher.lock"
 
 
 @contextmanager
