@@ -10,12 +10,12 @@ import time
 import pytest
 from PIL import Image, ImageOps
 
+from model import checkpoint as ckpt
 from model import decode
 from model.decode import DecodePool, decode_files
 from tests.conftest import image_bytes, write_config
 from watcher import config as configuration
 from watcher import log, pipeline
-from watcher.reload import load_checked
 from watcher.service import open_store
 
 
@@ -23,7 +23,7 @@ from watcher.service import open_store
 def stage(tmp_path, tiny_checkpoint):
     log.setup("warning", "json")
     config = configuration.load(write_config(tmp_path, tiny_checkpoint))
-    model = load_checked(tiny_checkpoint, "float32")
+    model = ckpt.load(tiny_checkpoint, "float32")
     store = open_store(config)
     with DecodePool(1) as pool:
         yield config, model, store, pool

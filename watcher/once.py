@@ -23,7 +23,6 @@ from watcher import log
 from watcher.config import Config, check_service_paths
 from watcher.intake import is_waiting_name
 from watcher.pipeline import process_batch
-from watcher.reload import load_checked
 from watcher.results import encode_results
 from watcher.service import instance_lock, open_store
 
@@ -90,7 +89,7 @@ def drain_inbox(config: Config, pool: DecodePool) -> int:
     torch.set_num_threads(config.batch["torch_threads"])
     failures = handled = 0
     with instance_lock(config):
-        checkpoint = load_checked(config.checkpoint, config.batch["precision"])
+        checkpoint = ckpt.load(config.checkpoint, config.batch["precision"])
         store = open_store(config)
         try:
             now, settle = time.time(), config.intake["settle_seconds"]

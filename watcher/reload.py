@@ -22,11 +22,11 @@ from model import checkpoint as ckpt
 from watcher import log
 
 
-def load_checked(path: Path, precision: str, serving: ckpt.Checkpoint | None = None) -> ckpt.Checkpoint:
-    """ckpt.load (which also runs a canary forward pass), and a checkpoint that would change the
-    answers' vocabulary under the service is refused too."""
+def load_checked(path: Path, precision: str, serving: ckpt.Checkpoint) -> ckpt.Checkpoint:
+    """ckpt.load (which also runs a canary forward pass) for a reload: a checkpoint that would
+    change the answers' vocabulary under the running service is refused too."""
     checkpoint = ckpt.load(path, precision)
-    if serving is not None and checkpoint.class_names != serving.class_names:
+    if checkpoint.class_names != serving.class_names:
         raise ckpt.CheckpointError(
             f"checkpoint {path}: class names {checkpoint.class_names} differ from the serving model's {serving.class_names}"
         )

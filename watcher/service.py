@@ -29,7 +29,7 @@ from watcher import log, pipeline
 from watcher.config import Config, check_service_paths
 from watcher.intake import Intake
 from watcher.notify import notify, watchdog_interval
-from watcher.reload import Reloader, load_checked
+from watcher.reload import Reloader
 from watcher.results import ResultStore
 
 LOCK_NAME = ".gender-watcher.lock"  # beside the journal (instance_lock)
@@ -129,7 +129,7 @@ class Service:
         # The watchdog is pinged from the loop, and also while a slow batch decodes (huge PNGs).
         beats = {"heartbeat": lambda: notify("WATCHDOG=1"), "heartbeat_seconds": ping_every} if ping_every else {}
         with instance_lock(config), DecodePool(config.batch["decode_processes"], **beats) as pool:
-            model = load_checked(config.checkpoint, config.batch["precision"])
+            model = ckpt.load(config.checkpoint, config.batch["precision"])
             store = open_store(config)
             intake = Intake(config.inbox, config.intake["settle_seconds"], self.waker.wake)
             intake.start(watch=config.intake["watch"])
