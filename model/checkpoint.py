@@ -3,10 +3,12 @@
 A checkpoint is a plain dict saved with torch.save and read with torch.load(weights_only=True),
 so loading never runs code from the file. Keys:
 
-    format        "gender-watcher/1"
-    version       id of this checkpoint: UTC creation time + hash of the weights
+    format        "gender-watcher/2"
+    version       id of this checkpoint: UTC creation time + hash of the weights, input, chip and detector
     arch, arch_args   network class name (model.network.ARCHITECTURES) and its constructor args
     input         InputSpec.to_dict(): height, width, mean, std
+    chip          model.faces.ChipSpec.to_dict(): the face chip's size and landmark template
+    detector      model.faces.DetectorSpec.to_dict(): the face detector (by SHA-256) and its settings
     class_names   output index -> label, e.g. ["female", "male"]
     state_dict    the weights
     meta          free-form: training data, command, metrics, wall time, ...
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -24,13 +27,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from model.faces import ChipSpec, DetectorMissing, DetectorSpec, FaceRules, Preprocessing, check_detector
 from model.files import write_atomic
 from model.network import ARCHITECTURES, fuse_for_inference
 from model.precision import uses_bfloat16
 from model.preprocess import InputSpec, normalize
 
-FORMAT = "gender-watcher/1"
-REQUIRED_KEYS = ("format", "version", "arch", "arch_args", "input", "class_names", "state_dict", "meta")
+FORMAT = "gender-watcher/2"
+REQUIRED_KEYS = ("format", "version", "arch", "arch_args", "input", "chip", "detector", "class_names", "state_dict", "meta")
 
 
 class CheckpointError(ValueError):
@@ -43,15 +47,23 @@ class Checkpoint:
     spec: InputSpec
     class_names: list[str]
     version: str
+    chip: ChipSpec
+    detector: DetectorSpec
     meta: dict = field(default_factory=dict)
     dtype: torch.dtype = torch.float32
 
+    def preprocessing(self, rules: FaceRules) -> Preprocessing:
+        """What the decode workers run for this checkpoint: its chip and detector, the caller's rules."""
+        return Preprocessing(self.chip, self.detector, rules)
 
-def weights_hash(state_dict: dict[str, torch.Tensor]) -> str:
+
+def content_hash(state_dict: dict[str, torch.Tensor], described: dict) -> str:
+    """Of the weights and of what says how to feed them (input, chip, detector): an edit to either is caught."""
     digest = hashlib.sha256()
     for name in sorted(state_dict):
         digest.update(name.encode())
         digest.update(state_dict[name].detach().cpu().contiguous().numpy().tobytes())
+    digest.update(json.dumps(described, sort_keys=True).encode())
     return digest.hexdigest()[:12]
 
 
@@ -62,17 +74,24 @@ def save(
     spec: InputSpec,
     class_names: list[str],
     meta: dict,
+    chip: ChipSpec | None = None,
+    detector: DetectorSpec | None = None,
 ) -> str:
-    """Write the checkpoint atomically (temp file in the same folder, fsync, rename); return its version."""
+    """Write the checkpoint atomically (temp file in the same folder, fsync, rename); return its
+    version. The chip defaults to the standard template at the input's size, the detector to the
+    bundled one."""
     path = Path(path)
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    version = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + weights_hash(state)
+    described = _described(
+        spec.to_dict(), (chip or ChipSpec(spec.height, spec.width)).to_dict(), (detector or DetectorSpec()).to_dict()
+    )
+    version = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + content_hash(state, described)
     payload = {
         "format": FORMAT,
         "version": version,
         "arch": type(model).__name__,
         "arch_args": arch_args,
-        "input": spec.to_dict(),
+        **described,
         "class_names": list(class_names),
         "state_dict": state,
         "meta": meta,
@@ -105,6 +124,10 @@ def load(path: str | Path, precision: str = "auto") -> Checkpoint:
         raise CheckpointError(f"checkpoint {path}: {exc}") from None
 
 
+def _described(spec: object, chip: object, detector: object) -> dict:
+    return {"input": spec, "chip": chip, "detector": detector}
+
+
 def _first_line(exc: Exception) -> str:
     return f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}"
 
@@ -118,7 +141,14 @@ def _checked(payload: object, precision: str) -> Checkpoint:
     if missing:
         raise CheckpointError(f"missing keys {missing}")
     if payload["format"] != FORMAT:
-        raise CheckpointError(f"format {payload['format']!r} is not {FORMAT!r}")
+        raise CheckpointError(
+            f"format {payload['format']!r} is not {FORMAT!r}"
+            + (
+                " (made before face detection: trained on centre crops, not face chips; retrain it)"
+                if payload["format"] == "gender-watcher/1"
+                else ""
+            )
+        )
     arch = ARCHITECTURES.get(payload["arch"]) if isinstance(payload["arch"], str) else None
     if arch is None:
         raise CheckpointError(f"unknown architecture {payload['arch']!r} (known: {sorted(ARCHITECTURES)})")
@@ -147,6 +177,19 @@ def _checked(payload: object, precision: str) -> Checkpoint:
         and min(spec.std) > 0
     ):
         raise CheckpointError(f"implausible input spec {spec}")
+    try:
+        chip = ChipSpec.from_dict(payload["chip"])
+    except Exception as exc:
+        raise CheckpointError(f"bad chip geometry {payload['chip']!r}: {_first_line(exc)}") from None
+    if (chip.height, chip.width) != (spec.height, spec.width):
+        raise CheckpointError(f"chip is {chip.height}x{chip.width} but the model's input is {spec.height}x{spec.width}")
+    try:
+        detector = DetectorSpec.from_dict(payload["detector"])
+        check_detector(detector)
+    except DetectorMissing as exc:
+        raise CheckpointError(str(exc)) from None
+    except Exception as exc:
+        raise CheckpointError(f"bad detector settings {payload['detector']!r}: {_first_line(exc)}") from None
     arch_args = payload["arch_args"]
     try:  # on the meta device: no memory is taken, however large the arguments ask it to be
         with torch.device("meta"):
@@ -163,8 +206,11 @@ def _checked(payload: object, precision: str) -> Checkpoint:
         if state[name].shape != want.shape or state[name].dtype != want.dtype:
             got, wanted = f"{tuple(state[name].shape)} {state[name].dtype}", f"{tuple(want.shape)} {want.dtype}"
             raise CheckpointError(f"weights do not fit {payload['arch']}: {name} is {got}, expected {wanted}")
-    if weights_hash(state) != str(payload["version"]).rsplit("-", 1)[-1]:
-        raise CheckpointError("weights do not match the hash in its version id (damaged or edited)")
+    described = _described(payload["input"], payload["chip"], payload["detector"])
+    if content_hash(state, described) != str(payload["version"]).rsplit("-", 1)[-1]:
+        raise CheckpointError(
+            "weights, input, chip or detector settings do not match the hash in its version id (damaged or edited)"
+        )
     model = arch(**arch_args, num_classes=len(class_names))
     model.load_state_dict(state, strict=True)
     dtype = torch.bfloat16 if uses_bfloat16(precision) else torch.float32
@@ -174,7 +220,7 @@ def _checked(payload: object, precision: str) -> Checkpoint:
     bad = [name for name, v in model.state_dict().items() if torch.is_floating_point(v) and not torch.isfinite(v).all()]
     if bad:
         raise CheckpointError(f"non-finite weights in {bad[:3]} (as served: batch norms folded, cast to {dtype})")
-    checkpoint = Checkpoint(model, spec, class_names, str(payload["version"]), dict(payload["meta"]), dtype)
+    checkpoint = Checkpoint(model, spec, class_names, str(payload["version"]), chip, detector, dict(payload["meta"]), dtype)
     _canary(checkpoint)
     return checkpoint
 

@@ -1,11 +1,12 @@
-"""Reading and decoding image files: the first half of the one preprocessing path.
+"""Reading and decoding image files: the first part of the one preprocessing path.
 
-    bytes -> decode (JPEG draft mode) -> EXIF orientation -> RGB -> centre crop to the model's
-    aspect ratio -> resize to the model's input -> uint8 HWC array           (decode_image)
+    bytes -> decode (JPEG draft mode: no larger than detection needs) -> EXIF orientation -> RGB
+          -> uint8 HWC array and its scale                                   (decode_picture)
+          -> every face's chip (model.faces.find_faces)                      (decode_files)
 
 `DecodePool` runs `decode_files` in worker processes for the service, `--once`, evaluation and
 training. This module is free of torch, so those workers start quickly and stay small;
-`model.preprocess` turns the arrays into model input.
+`model.preprocess` turns the chips into model input.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import io
+import math
 import multiprocessing
 import os
 import signal
@@ -29,6 +31,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from model import DEFAULT_MAX_BYTES
+from model.faces import NO_FACE, Face, Preprocessing, find_faces
 from model.files import Identity, file_identity
 
 # Refuse images with more pixels than this before decoding any of them (decompression bombs).
@@ -96,32 +99,23 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB") if img.mode != "RGB" else img
 
 
-def _centre_box(width: int, height: int, aspect: float) -> tuple[int, int, int, int]:
-    """The largest centred box of the given width/height ratio."""
-    if width / height > aspect:
-        w = round(height * aspect)
-        left = (width - w) // 2
-        return (left, 0, left + w, height)
-    h = round(width / aspect)
-    top = (height - h) // 2
-    return (0, top, width, top + h)
-
-
-def decode_image(data: bytes, height: int, width: int) -> np.ndarray:
-    """Decode image bytes into a uint8 RGB array of shape (height, width, 3). Raises ImageError."""
+def decode_picture(data: bytes, longest_side: int) -> tuple[np.ndarray, float]:
+    """Decode image bytes into a uint8 RGB array, upright (EXIF), and the scale it was decoded at:
+    a JPEG larger than needed is decoded at 1/2, 1/4 or 1/8 of its size, but its longer side no
+    smaller than `longest_side`. Raises ImageError."""
     if not data:
         raise ImageError("empty file")
     try:
         with Image.open(io.BytesIO(data)) as img:
             if img.width * img.height > MAX_PIXELS:
                 raise ImageError(f"{img.width}x{img.height} pixels is over the limit of {MAX_PIXELS}")
-            # JPEG only: decode at 1/2, 1/4 or 1/8 scale while that still leaves >= 2x the target.
-            img.draft("RGB", (2 * max(height, width), 2 * max(height, width)))
+            full_width = img.width
+            reduce = longest_side / max(img.width, img.height)
+            if reduce < 1:  # draft keeps both sides at least the requested ones: ask in the picture's own shape
+                img.draft("RGB", (math.ceil(img.width * reduce), math.ceil(img.height * reduce)))
+            scale = img.width / full_width
             img = ImageOps.exif_transpose(img)
-            img = _to_rgb(img)
-            box = _centre_box(img.width, img.height, width / height)
-            img = img.resize((width, height), Image.Resampling.BILINEAR, box=box, reducing_gap=2.0)
-            return np.array(img, dtype=np.uint8)  # a writable copy
+            return np.array(_to_rgb(img), dtype=np.uint8), scale  # a writable copy
     except ImageError:
         raise
     except Image.UnidentifiedImageError:
@@ -131,16 +125,25 @@ def decode_image(data: bytes, height: int, width: int) -> np.ndarray:
         raise ImageError(f"not a readable image: {kind}: {exc}") from exc
 
 
-class Decoded(NamedTuple):
-    """One file's decoding result: pixels, or the reason there are none."""
+def decode_faces(data: bytes, prep: Preprocessing) -> list[Face]:
+    """Image bytes -> the chips of its faces, largest first. Raises ImageError, also for no face."""
+    rgb, scale = decode_picture(data, prep.detector.far_side)
+    faces = find_faces(rgb, scale, prep.chip, prep.detector, prep.rules)
+    if not faces:
+        raise ImageError(NO_FACE)
+    return faces
 
-    pixels: np.ndarray | None
+
+class Decoded(NamedTuple):
+    """One file's decoding result: its faces, or the reason there are none."""
+
+    faces: list[Face] | None
     error: str | None
     sha256: str | None  # of the bytes read, when they could be read
     identity: Identity | None  # of the inbox entry before it was read (model.files.file_identity)
 
 
-def decode_files(paths: list[Path], height: int, width: int, max_bytes: int = DEFAULT_MAX_BYTES) -> list[Decoded]:
+def decode_files(paths: list[Path], prep: Preprocessing, max_bytes: int = DEFAULT_MAX_BYTES) -> list[Decoded]:
     """Read, hash and decode files; each failure is a reason, never an exception. Runs in a worker."""
     decoded: list[Decoded] = []
     for path in paths:
@@ -148,7 +151,7 @@ def decode_files(paths: list[Path], height: int, width: int, max_bytes: int = DE
         try:
             data = read_image_bytes(path, max_bytes)
             digest = hashlib.sha256(data).hexdigest()
-            decoded.append(Decoded(decode_image(data, height, width), None, digest, identity))
+            decoded.append(Decoded(decode_faces(data, prep), None, digest, identity))
         except ImageError as exc:
             decoded.append(Decoded(None, str(exc), digest, identity))
     return decoded
@@ -171,8 +174,7 @@ class PendingDecode:
     """Files whose decoding is under way: one task (a slice of the paths) per worker."""
 
     paths: list[Path]
-    height: int
-    width: int
+    prep: Preprocessing
     max_bytes: int
     tasks: list[tuple[list[Path], Future, ProcessPoolExecutor]]
 
@@ -215,14 +217,14 @@ class DecodePool:
             future.result()  # all workers up now, not during the first batch
         return executor
 
-    def _submit(self, paths: list[Path], height: int, width: int, max_bytes: int) -> tuple[Future, ProcessPoolExecutor]:
+    def _submit(self, paths: list[Path], prep: Preprocessing, max_bytes: int) -> tuple[Future, ProcessPoolExecutor]:
         if self._executor is None:
             self._executor = self._start()
         try:
-            return self._executor.submit(decode_files, paths, height, width, max_bytes), self._executor
+            return self._executor.submit(decode_files, paths, prep, max_bytes), self._executor
         except BrokenProcessPool:
             self._restart(self._executor)
-            return self._executor.submit(decode_files, paths, height, width, max_bytes), self._executor
+            return self._executor.submit(decode_files, paths, prep, max_bytes), self._executor
 
     def _restart(self, broken: ProcessPoolExecutor) -> None:
         """Replace `broken` unless that happened already (tasks of one broken pool fail together)."""
@@ -230,11 +232,11 @@ class DecodePool:
             broken.shutdown(wait=False, cancel_futures=True)
             self._executor = self._start()
 
-    def start(self, paths: list[Path], height: int, width: int, max_bytes: int = DEFAULT_MAX_BYTES) -> PendingDecode:
+    def start(self, paths: list[Path], prep: Preprocessing, max_bytes: int = DEFAULT_MAX_BYTES) -> PendingDecode:
         """Submit the files, split evenly over the workers; returns at once."""
         share = -(-len(paths) // self.workers) or 1
         slices = [paths[i : i + share] for i in range(0, len(paths), share)]
-        return PendingDecode(paths, height, width, max_bytes, [(s, *self._submit(s, height, width, max_bytes)) for s in slices])
+        return PendingDecode(paths, prep, max_bytes, [(s, *self._submit(s, prep, max_bytes)) for s in slices])
 
     def wait(self, pending: PendingDecode) -> list[Decoded]:
         """The results of `start`, in the order of its paths."""
@@ -247,7 +249,7 @@ class DecodePool:
             self._restart(executor)
         decoded: list[Decoded] = []
         for path in paths:  # one by one, so that only the file that kills a worker fails
-            future, executor = self._submit([path], pending.height, pending.width, pending.max_bytes)
+            future, executor = self._submit([path], pending.prep, pending.max_bytes)
             try:
                 decoded += self._outcome(future)
             except BrokenProcessPool:

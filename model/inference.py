@@ -1,4 +1,5 @@
-"""Turning files into labels: decoding on the worker pool, then batched forward passes.
+"""Turning files into labels: decoding and face finding on the worker pool, then batched forward
+passes over every face of the batch.
 
 Shared by `watcher` (one-shot pass and service) and `train.evaluate`.
 """
@@ -14,6 +15,7 @@ from torch import nn
 
 from model.checkpoint import Checkpoint
 from model.decode import DEFAULT_MAX_BYTES, DecodePool, PendingDecode
+from model.faces import FaceRules
 from model.files import Identity
 from model.preprocess import normalize, to_batch
 
@@ -25,14 +27,39 @@ class Prediction:
 
 
 @dataclass(frozen=True)
+class FaceAnswer:
+    """One face of a file and the model's answer for it."""
+
+    box: tuple[int, int, int, int]  # left, top, width, height in the picture's own (upright) pixels
+    score: float  # the detector's; 0 for a whole picture taken as the face
+    how: str  # see model.faces.Face
+    prediction: Prediction
+
+    def to_dict(self) -> dict:
+        return {
+            "box": list(self.box),
+            "score": self.score,
+            "how": self.how,
+            "label": self.prediction.label,
+            "probability": self.prediction.probability,
+        }
+
+
+@dataclass(frozen=True)
 class Outcome:
-    """What became of one file: a prediction, or the error that stopped it. sha256 of its bytes when read."""
+    """What became of one file: its faces, largest first, or the error that stopped it. sha256 of
+    its bytes when read."""
 
     path: Path
-    prediction: Prediction | None
+    faces: list[FaceAnswer]
     error: str | None
     sha256: str | None
     identity: Identity | None  # of the file before it was read (model.files.file_identity)
+
+    @property
+    def prediction(self) -> Prediction | None:
+        """The answer for the file as a whole: its main (largest) face's."""
+        return self.faces[0].prediction if self.faces else None
 
 
 def model_input(checkpoint: Checkpoint, batch: torch.Tensor) -> torch.Tensor:
@@ -71,25 +98,31 @@ def predict(checkpoint: Checkpoint, batch: torch.Tensor) -> list[Prediction]:
 
 
 def start_batch(
-    paths: Sequence[Path], checkpoint: Checkpoint, pool: DecodePool, max_bytes: int = DEFAULT_MAX_BYTES
+    paths: Sequence[Path], checkpoint: Checkpoint, pool: DecodePool, rules: FaceRules, max_bytes: int = DEFAULT_MAX_BYTES
 ) -> PendingDecode:
-    """Submit the files' reading, hashing and decoding to `pool`; returns at once."""
-    return pool.start(list(paths), checkpoint.spec.height, checkpoint.spec.width, max_bytes)
+    """Submit the files' reading, hashing, decoding and face finding to `pool`; returns at once."""
+    return pool.start(list(paths), checkpoint.preprocessing(rules), max_bytes)
 
 
 def finish_batch(pending: PendingDecode, checkpoint: Checkpoint, pool: DecodePool) -> list[Outcome]:
-    """Wait for the decoding, then classify the readable images in one forward pass."""
+    """Wait for the decoding, then classify every face of the batch in one forward pass."""
     decoded = pool.wait(pending)
-    readable = [d.pixels for d in decoded if d.pixels is not None]
-    predictions = iter(predict(checkpoint, to_batch(readable)) if readable else [])
+    chips = [face.chip for d in decoded for face in d.faces or []]
+    predictions = iter(predict(checkpoint, to_batch(chips)) if chips else [])
     return [
-        Outcome(path, next(predictions) if d.pixels is not None else None, d.error, d.sha256, d.identity)
+        Outcome(
+            path,
+            [FaceAnswer(tuple(round(v) for v in f.box), f.score, f.how, next(predictions)) for f in d.faces or []],
+            d.error,
+            d.sha256,
+            d.identity,
+        )
         for path, d in zip(pending.paths, decoded, strict=True)
     ]
 
 
 def classify_batch(
-    paths: Sequence[Path], checkpoint: Checkpoint, pool: DecodePool, max_bytes: int = DEFAULT_MAX_BYTES
+    paths: Sequence[Path], checkpoint: Checkpoint, pool: DecodePool, rules: FaceRules, max_bytes: int = DEFAULT_MAX_BYTES
 ) -> list[Outcome]:
-    """Read and decode files in parallel on `pool`, then classify them in one forward pass."""
-    return finish_batch(start_batch(paths, checkpoint, pool, max_bytes), checkpoint, pool)
+    """Read, decode and find faces in parallel on `pool`, then classify every face in one forward pass."""
+    return finish_batch(start_batch(paths, checkpoint, pool, rules, max_bytes), checkpoint, pool)

@@ -1,13 +1,14 @@
 """The one preprocessing path shared by training, evaluation and serving.
 
-    bytes -> uint8 HWC array (model.decode.decode_image: decode, EXIF, RGB, crop, resize)
-          -> uint8 CHW tensor                                                  (load_image)
-    uint8 HWC arrays -> one uint8 NCHW batch                                   (to_batch)
-    uint8 NCHW batch -> float, scaled to [0, 1], minus mean, over std          (normalize)
+    bytes -> uint8 RGB picture, decoded no larger than needed        (model.decode.decode_picture)
+          -> every face found, aligned by its landmarks into a chip  (model.faces.find_faces)
+    uint8 HWC chips -> one uint8 NCHW batch                          (to_batch)
+    uint8 NCHW batch -> float, scaled to [0, 1], minus mean, over std (normalize)
 
-Training decodes each file once (decode_image on the worker pool, then `to_batch`) and caches the
-uint8 batch; augmentation works on it, and evaluation and serving feed their batches to
-`normalize` unchanged. So what the model sees at serving time is exactly what it was validated on.
+Training detects, aligns and caches each training face's chip once (on the decode worker pool);
+augmentation works on the cached chips, and evaluation and serving feed their chips to `normalize`
+unchanged. So what the model sees at serving time is exactly what it was validated on. The
+checkpoint records the chip geometry and the detector, so loading it needs nothing else.
 """
 
 from __future__ import annotations
@@ -17,8 +18,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-
-from model.decode import decode_image
 
 
 @dataclass(frozen=True)
@@ -38,20 +37,10 @@ class InputSpec:
         return cls(int(d["height"]), int(d["width"]), tuple(map(float, d["mean"])), tuple(map(float, d["std"])))
 
 
-def to_tensor(pixels: np.ndarray) -> torch.Tensor:
-    """uint8 HWC array from decode_image -> uint8 CHW tensor."""
-    return torch.from_numpy(pixels).permute(2, 0, 1)
-
-
 def to_batch(pixels: Sequence[np.ndarray]) -> torch.Tensor:
-    """uint8 HWC arrays from decode_image -> one uint8 (N, 3, H, W) tensor. One plain copy: the
+    """uint8 HWC chips (model.faces.Face.chip) -> one uint8 (N, 3, H, W) tensor. One plain copy: the
     result is a view whose memory is channels-last, the layout the convolutions want."""
     return torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2)
-
-
-def load_image(data: bytes, height: int, width: int) -> torch.Tensor:
-    """Decode image bytes into a uint8 tensor of shape (3, height, width). Raises ImageError."""
-    return to_tensor(decode_image(data, height, width))
 
 
 def normalize(batch: torch.Tensor, spec: InputSpec) -> torch.Tensor:

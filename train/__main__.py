@@ -1,9 +1,11 @@
 """python -m train --data DIR --out FILE: train the network and write a checkpoint and its report.
 
-DIR holds one folder per class (female/, male/). Each image is decoded once with the serving
-preprocessing into memory; every epoch augments the cached images afresh. The epoch with the
-lowest validation loss is kept, evaluated on the held-out test split (overall and per file-name
-source) and on any --dev folders, and saved atomically with a report beside it.
+DIR holds one folder per class (female/, male/). Each image is decoded once, its main face found
+and aligned into a chip with the serving preprocessing, into memory; every epoch draws the cached
+chips so that no source or group dominates, and augments them afresh. The epoch with the lowest
+validation loss is kept, its decision threshold set on the validation split weighted as the
+epochs are drawn, evaluated on the held-out test split (overall, per file-name source and group)
+and on any --dev folders exactly as served, and saved atomically with a report beside it.
 """
 
 from __future__ import annotations
@@ -22,14 +24,15 @@ import torch.nn.functional as F
 
 from model import PRECISIONS
 from model import checkpoint as ckpt
+from model.faces import NO_FACE, ChipSpec, DetectorSpec, FaceRules, Preprocessing
 from model.inference import mirror_averaged_logits
 from model.network import GenderNet
 from model.precision import autocast, uses_bfloat16
 from model.preprocess import InputSpec, normalize
 from model.progress import Progress
-from train.augment import augment, eyes_of
-from train.data import Dataset, find_labeled_images, load_dataset, source_of, split
-from train.metrics import equal_recall_threshold, format_summary, summarize
+from train.augment import augment
+from train.data import TRAINING_RULES, Dataset, find_labeled_images, group_of, load_dataset, sampling_weights, source_of, split
+from train.metrics import equal_recall_threshold, format_summary, summarize, summarize_groups
 from train.report import write_report
 
 CLASS_NAMES = ["female", "male"]
@@ -42,7 +45,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--dev", type=Path, action="append", default=[], help="labeled folder to evaluate on after training (repeatable)"
     )
-    p.add_argument("--epochs", type=int, default=34)
+    p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate of the one-cycle schedule")
     p.add_argument("--weight-decay", type=float, default=0.05)
@@ -104,12 +107,13 @@ def evaluate(model: torch.nn.Module, data: Dataset, spec: InputSpec, precision: 
     return float(F.cross_entropy(logits, data.labels)) if len(logits) else 0.0, logits.argmax(1).tolist()
 
 
-def balance_recall(model: GenderNet, logits: torch.Tensor, labels: torch.Tensor) -> float:
+def balance_recall(model: GenderNet, logits: torch.Tensor, data: Dataset) -> float:
     """Move the decision threshold to where both classes have the same recall on these (validation)
-    examples, by shifting the last layer's bias, so the checkpoint carries it and neither class is
-    favoured on in-domain faces (out of domain, most errors are already women called men). The
-    shift is small and can go either way. Returns it, in logit(male) - logit(female)."""
-    shift = equal_recall_threshold((logits[:, 1] - logits[:, 0]).tolist(), labels.tolist())
+    examples, each weighted as the training epochs draw them (every source and group represented,
+    see train.data.sampling_weights), by shifting the last layer's bias, so the checkpoint carries
+    it and neither class is favoured. Returns the shift, in logit(male) - logit(female)."""
+    weights = sampling_weights(data.paths, data.labels.tolist()).tolist()
+    shift = equal_recall_threshold((logits[:, 1] - logits[:, 0]).tolist(), data.labels.tolist(), weights)
     with torch.no_grad():
         model.head[-1].bias[1] -= shift
     return shift
@@ -118,7 +122,7 @@ def balance_recall(model: GenderNet, logits: torch.Tensor, labels: torch.Tensor)
 def train_epoch(
     model,
     data: Dataset,
-    eyes: torch.Tensor,
+    weights: torch.Tensor,
     spec,
     optimizer,
     scheduler,
@@ -129,12 +133,12 @@ def train_epoch(
     label: str,
 ) -> tuple[float, float]:
     model.train()
-    order = torch.randperm(len(data.labels), generator=gen)
+    order = torch.multinomial(weights, len(data.labels), replacement=True, generator=gen)
     progress = Progress(len(order) // batch_size * batch_size, label, min_total=1)
     loss_sum, correct, seen = 0.0, 0, 0
     for start in range(0, len(order) - batch_size + 1, batch_size):  # drop the ragged last batch (BatchNorm)
         idx = order[start : start + batch_size]
-        x = normalize(augment(data.images[idx], gen, strength, eyes[idx]), spec).to(_device(model))
+        x = normalize(augment(data.images[idx], gen, strength), spec).to(_device(model))
         y = data.labels[idx].to(_device(model))
         with autocast(precision, x.device.type):
             logits = model(x).float()
@@ -157,17 +161,22 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     height, width = args.size
     spec = InputSpec(height, width, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    chip, detector = ChipSpec(height, width), DetectorSpec()
 
     items = find_labeled_images(args.data, CLASS_NAMES)
     if args.limit:
         items = [it for c in range(len(CLASS_NAMES)) for it in [i for i in items if i[1] == c][: args.limit]]
-    data, skipped = load_dataset(items, height, width)
+    data, skipped = load_dataset(items, Preprocessing(chip, detector, TRAINING_RULES))
     for path, reason in skipped:
         print(f"skipped {path}: {reason}", file=sys.stderr)
     for label, name in enumerate(CLASS_NAMES):
         if not (data.labels == label).any():
             raise SystemExit(f"no readable images of class {name} in {args.data / name} ({len(skipped)} files skipped)")
-    print(f"decoded {len(data.labels)} images, skipped {len(skipped)} unreadable, in {time.monotonic() - started:.0f}s")
+    found = {how: data.hows.count(how) for how in sorted(set(data.hows))}
+    print(
+        f"decoded {len(data.labels)} images ({', '.join(f'{n} {how}' for how, n in found.items())}), "
+        f"skipped {len(skipped)} unreadable, in {time.monotonic() - started:.0f}s"
+    )
     train_set, val_set, test_set = split(data, args.seed, args.val_fraction, args.test_fraction)
     print(
         f"split (seed {args.seed}): train {len(train_set.labels)}, validation {len(val_set.labels)}, test {len(test_set.labels)}"
@@ -184,14 +193,14 @@ def main(argv: list[str] | None = None) -> int:
     steps = args.epochs * (len(train_set.labels) // args.batch_size)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, total_steps=steps, pct_start=0.15)
     gen = torch.Generator().manual_seed(args.seed)
-    eyes = eyes_of(train_set.paths)
+    weights = sampling_weights(train_set.paths, train_set.labels.tolist())
 
     history, best = [], None
     for epoch in range(1, args.epochs + 1):
         train_loss, train_acc = train_epoch(
             model,
             train_set,
-            eyes,
+            weights,
             spec,
             optimizer,
             scheduler,
@@ -220,29 +229,40 @@ def main(argv: list[str] | None = None) -> int:
         )
 
     model.load_state_dict(best[2])
-    shift = balance_recall(model, logits_of(model, val_set, spec, args.precision), val_set.labels)
-    print(f"decision threshold moved by {shift:+.3f} (logit male - female) for equal recall on the validation split")
+    shift = balance_recall(model, logits_of(model, val_set, spec, args.precision), val_set)
+    print(f"decision threshold moved by {shift:+.3f} (logit male - female) for equal recall on the weighted validation split")
     test_loss, test_pred = evaluate(model, test_set, spec, args.precision)
     truth = test_set.labels.tolist()
     test = {"loss": test_loss, "all": summarize(truth, test_pred, CLASS_NAMES)}
     for source in sorted({source_of(p) for p in test_set.paths}):
         keep = [i for i, p in enumerate(test_set.paths) if source_of(p) == source]
         test[source] = summarize([truth[i] for i in keep], [test_pred[i] for i in keep], CLASS_NAMES)
+    test_groups = summarize_groups(truth, test_pred, [group_of(p) for p in test_set.paths], CLASS_NAMES)
     print(format_summary("test split", test["all"], CLASS_NAMES))
-    dev = {}
+    dev, dev_groups = {}, {}
+    serving = Preprocessing(chip, detector, FaceRules())
     for folder in args.dev:
-        dev_set, unreadable = load_dataset(find_labeled_images(folder, CLASS_NAMES), height, width)
-        dev[folder.name] = summarize(dev_set.labels.tolist(), evaluate(model, dev_set, spec, args.precision)[1], CLASS_NAMES)
-        dev[folder.name]["unreadable"] = [f"{p}: {r}" for p, r in unreadable]
+        labeled = find_labeled_images(folder, CLASS_NAMES)
+        dev_set, unreadable = load_dataset(labeled, serving)
+        dev_truth, dev_pred = dev_set.labels.tolist(), evaluate(model, dev_set, spec, args.precision)[1]
+        label_of = dict(labeled)
+        no_face = [label_of[p] for p, r in unreadable if r == NO_FACE]
+        dev[folder.name] = summarize(dev_truth, dev_pred, CLASS_NAMES, no_face)
+        dev[folder.name]["unreadable"] = [f"{p}: {r}" for p, r in unreadable if r != NO_FACE]
+        answers = dict(zip(dev_set.paths, dev_pred, strict=True))
+        dev_groups[folder.name] = summarize_groups(
+            [label for _, label in labeled], [answers.get(p) for p, _ in labeled], [group_of(p) for p, _ in labeled], CLASS_NAMES
+        )
         print(format_summary(f"dev {folder}", dev[folder.name], CLASS_NAMES))
-        for path, reason in unreadable:
-            print(f"  unreadable: {path}: {reason}")
+        for line in dev[folder.name]["unreadable"]:
+            print(f"  unreadable: {line}")
 
     summary = {
         "command": "python -m train " + shlex.join(sys.argv[1:] if argv is None else argv),
         "data": str(args.data),
         "seed": args.seed,
         "sizes": {"train": len(train_set.labels), "val": len(val_set.labels), "test": len(test_set.labels)},
+        "faces": found,
         "skipped": [f"{p}: {r}" for p, r in skipped],
         "epochs": args.epochs,
         "best_epoch": best[0],
@@ -252,14 +272,16 @@ def main(argv: list[str] | None = None) -> int:
         "val_loss": best[1],
         "decision_shift": shift,
         "test": test,
+        "test_groups": test_groups,
         "dev": dev,
+        "dev_groups": dev_groups,
         "history": history,
     }
     kept = ("command", "data", "seed", "sizes", "epochs", "best_epoch", "wall_seconds", "val_loss", "decision_shift", "precision")
     meta = {k: summary[k] for k in kept}
     meta["test_accuracy"] = {k: v["accuracy"] for k, v in test.items() if isinstance(v, dict)}
     meta["dev_accuracy"] = {k: v["accuracy"] for k, v in dev.items()}
-    summary["version"] = ckpt.save(args.out, model, arch_args, spec, CLASS_NAMES, meta)
+    summary["version"] = ckpt.save(args.out, model, arch_args, spec, CLASS_NAMES, meta, chip, detector)
     report = args.out.with_name(args.out.stem + "-report")
     write_report(report, summary, history, CLASS_NAMES)
     print(f"wrote {args.out} (version {summary['version']}) and {report}/ in {summary['wall_seconds'] / 60:.1f} min")

@@ -1,38 +1,28 @@
-"""Batched training augmentation on cached uint8 images.
+"""Batched training augmentation on cached uint8 face chips.
 
-Makes the model robust to what real photos vary in: looser and tighter crops (scale, shift,
-aspect), small rotations, mirror images, lighting and colour, grey images, blur and low
-resolution, sensor noise, partial occlusion, and glasses (in CelebA they go mostly with men,
-while women with glasses are common elsewhere). Two thirds of the faces of every source are moved to one
-spread of sizes, so that how tightly a source crops cannot stand in for the source itself.
-Works on whole batches with tensor ops, so it costs little next to the forward pass.
+Makes the model robust to what real photos vary in: how far the detector's landmarks, and so the
+alignment, can be off (scale, shift, aspect, rotation), mirror images, lighting and coloured
+light, grey images, blur and low resolution, sensor noise, partial occlusion, and glasses (in
+CelebA they go mostly with men, while women with glasses are common elsewhere). Works on whole
+batches with tensor ops, so it costs little next to the forward pass.
 """
 
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from train.data import source_of
+from model.faces import CHIP_LANDMARKS, OUTSIDE
 
 
 def _uniform(n: int, low: float, high: float, gen: torch.Generator) -> torch.Tensor:
     return torch.rand(n, generator=gen) * (high - low) + low
 
 
-# Where the eyes are in the training images at the model input, by file-name source (train.data.
-# source_of): the height of the eye line and half the distance between the eyes, as fractions of
-# the image, read off each source's mean face. Images of other sources get DEFAULT_EYES.
-EYES = {"unprefixed": (0.34, 0.25), "aaf": (0.53, 0.125), "scut": (0.42, 0.15)}
-DEFAULT_EYES = (0.4, 0.2)
-
-
-def eyes_of(paths: list[Path]) -> torch.Tensor:
-    """(N, 2) eye positions for `augment`, from each file's source."""
-    return torch.tensor([EYES.get(source_of(p), DEFAULT_EYES) for p in paths]).view(len(paths), 2)
+# The eye line and half the distance between the eyes in every chip, as fractions of its size.
+EYES = ((CHIP_LANDMARKS[0][1] + CHIP_LANDMARKS[1][1]) / 2, (CHIP_LANDMARKS[1][0] - CHIP_LANDMARKS[0][0]) / 2)
 
 
 def _glasses(x: torch.Tensor, eyes: torch.Tensor, gen: torch.Generator, s: float) -> torch.Tensor:
@@ -86,41 +76,29 @@ def _glasses(x: torch.Tensor, eyes: torch.Tensor, gen: torch.Generator, s: float
     return x
 
 
-# Face size and height at the model input that training spreads every source over: half the eye
-# distance and the eye line, as fractions of the image. CelebA crops are tight and AAF/SCUT loose,
-# so without this the crop's scale tells the source apart and the model learns each source only at
-# its own scale (UTKFace women, tight like CelebA, are called men far more than when shown looser).
-TARGET_HALF_EYES = (0.12, 0.26)
-TARGET_EYE_LINE = (0.33, 0.5)
-# Share of the images moved there; the others keep their source's own scale, zoomed by OWN_ZOOM.
-# 0.65 rather than 0.5: UTKFace +0.5 and +0.6 points with two seeds, pooled held-out accuracy
-# unchanged (train/SWEEP.md, session 9).
-MOVED_SHARE = 0.65
-OWN_ZOOM = (0.75, 1.3)
+# Alignment jitter: the chip's scale (zoom > 1: tighter), shift (fraction of the chip) and
+# rotation (degrees) vary by up to these, as landmarks found on real photos do.
+ZOOM = (0.88, 1.14)
+SHIFT = 0.05
+ROTATION = 10.0
 
 
-def _geometry(x: torch.Tensor, gen: torch.Generator, s: float, eyes: torch.Tensor) -> torch.Tensor:
+def _geometry(x: torch.Tensor, gen: torch.Generator, s: float) -> torch.Tensor:
     n = x.shape[0]
-    moved = torch.rand(n, generator=gen) < MOVED_SHARE
-    to_target = _uniform(n, *map(math.log, TARGET_HALF_EYES), gen) - eyes[:, 1].log()
-    zoom = torch.exp(s * torch.where(moved, to_target, _uniform(n, *map(math.log, OWN_ZOOM), gen)))  # >1 tighter crop
-    eye_line = eyes[:, 0] + s * moved * (_uniform(n, *TARGET_EYE_LINE, gen) - eyes[:, 0])
-    aspect = torch.exp(_uniform(n, -0.1 * s, 0.1 * s, gen))
-    angle = _uniform(n, -15 * s, 15 * s, gen) * math.pi / 180
+    zoom = torch.exp(s * _uniform(n, *map(math.log, ZOOM), gen))
+    aspect = torch.exp(_uniform(n, -0.06 * s, 0.06 * s, gen))
+    angle = _uniform(n, -ROTATION * s, ROTATION * s, gen) * math.pi / 180
     flip = torch.where(torch.rand(n, generator=gen) < 0.5, -1.0, 1.0)
     sx, sy = aspect / zoom * flip, 1 / (aspect * zoom)
     cos, sin = torch.cos(angle), torch.sin(angle)
-    theta = torch.zeros(n, 2, 3)
+    theta = torch.zeros(n, 2, 3)  # output to input coordinates in [-1, 1], about the chip's centre
     theta[:, 0, 0], theta[:, 0, 1] = cos * sx, -sin * sy
     theta[:, 1, 0], theta[:, 1, 1] = sin * sx, cos * sy
-    # theta maps output to input coordinates in [-1, 1]: the eyes' midpoint (0, source_y) lands on
-    # (target_x, target_y), the new eye line's middle shifted by up to 4 % of the image
-    target_x, target_y = _uniform(2 * n, -0.08 * s, 0.08 * s, gen).view(2, n) + torch.stack([torch.zeros(n), 2 * eye_line - 1])
-    theta[:, 0, 2] = -theta[:, 0, 0] * target_x - theta[:, 0, 1] * target_y
-    theta[:, 1, 2] = 2 * eyes[:, 0] - 1 - theta[:, 1, 0] * target_x - theta[:, 1, 1] * target_y
+    theta[:, :, 2] = _uniform(2 * n, -2 * SHIFT * s, 2 * SHIFT * s, gen).view(n, 2)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    # border, not reflection: zoomed out, a tight crop is extended by its edges, not by mirrored faces
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    # grey beyond the edges, as the chip itself is cut (model.faces.OUTSIDE)
+    grey = OUTSIDE[0] / 255.0
+    return F.grid_sample(x - grey, grid, mode="bilinear", padding_mode="zeros", align_corners=False) + grey
 
 
 def _colour(x: torch.Tensor, gen: torch.Generator, s: float) -> torch.Tensor:
@@ -132,7 +110,7 @@ def _colour(x: torch.Tensor, gen: torch.Generator, s: float) -> torch.Tensor:
     luma = torch.tensor([0.299, 0.587, 0.114]).expand(3, 3)
     sat = saturation.view(n, 1, 1)
     mix = sat * torch.eye(3) + (1 - sat) * luma  # towards grey
-    mix = _uniform(3 * n, 1 - 0.1 * s, 1 + 0.1 * s, gen).view(n, 3, 1) * mix  # white balance
+    mix = _uniform(3 * n, 1 - 0.15 * s, 1 + 0.15 * s, gen).view(n, 3, 1) * mix  # white balance, coloured light
     contrast = _uniform(n, 1 - 0.4 * s, 1 + 0.4 * s, gen).clamp(min=0.1)
     brightness = _uniform(n, 1 - 0.4 * s, 1 + 0.4 * s, gen).clamp(min=0.1)
     mean = (mix @ x.mean(dim=(2, 3)).unsqueeze(2)).mean(dim=(1, 2))  # of the image after mixing
@@ -160,14 +138,12 @@ def _degrade(x: torch.Tensor, gen: torch.Generator, s: float) -> torch.Tensor:
     return x.clamp(0, 1)
 
 
-def augment(batch: torch.Tensor, gen: torch.Generator, strength: float = 1.0, eyes: torch.Tensor | None = None) -> torch.Tensor:
-    """uint8 (N, 3, H, W) -> augmented uint8 batch of the same shape, ready for `normalize`.
+def augment(batch: torch.Tensor, gen: torch.Generator, strength: float = 1.0) -> torch.Tensor:
+    """uint8 (N, 3, H, W) chips -> augmented uint8 batch of the same shape, ready for `normalize`.
 
     `strength` scales every range and probability: 0 leaves only the mirror flips, 1 is the
-    default, larger values vary more. `eyes` (N, 2) places the glasses and sets how far each face
-    is zoomed (see EYES); by default every image gets DEFAULT_EYES."""
-    if eyes is None:
-        eyes = torch.tensor(DEFAULT_EYES).expand(len(batch), 2)
+    default, larger values vary more."""
+    eyes = torch.tensor(EYES).expand(len(batch), 2)
     x = _glasses(batch.float() / 255.0, eyes, gen, strength)
-    x = _degrade(_colour(_geometry(x, gen, strength, eyes), gen, strength), gen, strength)
+    x = _degrade(_colour(_geometry(x, gen, strength), gen, strength), gen, strength)
     return (x * 255.0).round().to(torch.uint8)

@@ -1,4 +1,5 @@
-"""Labeled image folders: find the files, split them, decode each once into an in-memory cache."""
+"""Labeled image folders: find the files, split them, and cut each file's main face into a chip
+once, into an in-memory cache."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 import torch
 
 from model.decode import Decoded, DecodePool
+from model.faces import FaceRules, Preprocessing
 from model.preprocess import to_batch
 from model.progress import Progress
 
@@ -18,22 +20,62 @@ CHUNK = 512  # files per decoding task: few round trips, a smooth progress bar
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
+# Training takes each labeled picture's largest face, and a picture without a face found whole.
+TRAINING_RULES = FaceRules(max_faces=1, no_face="answer")
+
+
 @dataclass
 class Dataset:
-    """Decoded images (uint8, N x 3 x H x W), their class indices and file paths."""
+    """Face chips (uint8, N x 3 x H x W), their class indices, file paths and how each face was
+    found (model.faces.Face.how)."""
 
     images: torch.Tensor
     labels: torch.Tensor
     paths: list[Path]
+    hows: list[str]
 
     def subset(self, index: list[int]) -> Dataset:
         idx = torch.tensor(index, dtype=torch.long)
-        return Dataset(self.images[idx], self.labels[idx], [self.paths[i] for i in index])
+        return Dataset(self.images[idx], self.labels[idx], [self.paths[i] for i in index], [self.hows[i] for i in index])
 
 
 def source_of(path: Path) -> str:
     """The file-name prefix before the first '_' (aaf_..., scut_...), or 'unprefixed'."""
     return path.name.split("_", 1)[0] if "_" in path.name else "unprefixed"
+
+
+RACES = ("white", "black", "asian", "indian", "other")  # UTKFace's race field, 0-4
+
+
+def group_of(path: Path) -> str | None:
+    """The group a file name tells, for accuracy by group: UTKFace's race field
+    (`[utk_]<age>_<gender>_<race>_...`) or IMFDB's actor (`imfdb_<actor>_...`); None otherwise."""
+    parts = path.name.removeprefix("utk_").split("_")
+    if len(parts) >= 4 and parts[0].isdigit() and parts[1] in ("0", "1") and parts[2] in ("0", "1", "2", "3", "4"):
+        return RACES[int(parts[2])]
+    if path.name.startswith("imfdb_") and len(parts) >= 3:
+        return parts[1]
+    return None
+
+
+def sampling_weights(paths: list[Path], labels: list[int]) -> torch.Tensor:
+    """Per-image weights for drawing an epoch, so that no source and no group dominates it: each
+    source's share of an epoch goes with the square root of its size (large sources still count
+    for more, small ones are drawn several times over), and within a source every class, and every
+    race where the name tells it, has the same share."""
+    cells: dict[tuple[str, str | None, int], list[int]] = defaultdict(list)
+    for i, (path, label) in enumerate(zip(paths, labels, strict=True)):
+        group = group_of(path)
+        cells[(source_of(path), group if group in RACES else None, label)].append(i)
+    per_source: dict[str, int] = defaultdict(int)
+    cells_of: dict[str, int] = defaultdict(int)
+    for (source, _, _), index in cells.items():
+        per_source[source] += len(index)
+        cells_of[source] += 1
+    weights = torch.zeros(len(paths), dtype=torch.float64)
+    for (source, _, _), index in cells.items():
+        weights[index] = per_source[source] ** 0.5 / cells_of[source] / len(index)
+    return weights / weights.sum()
 
 
 def find_labeled_images(root: str | Path, class_names: list[str]) -> list[tuple[Path, int]]:
@@ -56,22 +98,24 @@ def find_labeled_images(root: str | Path, class_names: list[str]) -> list[tuple[
     return found
 
 
-def load_dataset(items: list[tuple[Path, int]], height: int, width: int) -> tuple[Dataset, list[tuple[Path, str]]]:
-    """Decode every file once with the serving preprocessing, on a decode worker pool with one
-    process per core; return the dataset and the skipped files."""
-    progress = Progress(len(items), "decoding", min_total=1)
+def load_dataset(items: list[tuple[Path, int]], prep: Preprocessing) -> tuple[Dataset, list[tuple[Path, str]]]:
+    """Decode every file once and cut its main face into a chip with the serving preprocessing, on
+    a decode worker pool with one process per core; return the dataset and the skipped files (with
+    prep.rules.no_face "fail", also the pictures without a face)."""
+    progress = Progress(len(items), "finding faces", min_total=1)
     paths = [path for path, _ in items]
     chunks = [paths[i : i + CHUNK] for i in range(0, len(paths), CHUNK)]
     decoded: list[Decoded] = []
     with DecodePool(os.cpu_count() or 1) as pool:
-        for pending in [pool.start(chunk, height, width) for chunk in chunks]:
+        for pending in [pool.start(chunk, prep) for chunk in chunks]:
             decoded += pool.wait(pending)
             progress.advance(len(pending.paths))
-    keep = [i for i, d in enumerate(decoded) if d.pixels is not None]
-    skipped = [(items[i][0], str(d.error)) for i, d in enumerate(decoded) if d.pixels is None]
-    images = to_batch([decoded[i].pixels for i in keep]) if keep else torch.empty(0, 3, height, width, dtype=torch.uint8)
+    keep = [i for i, d in enumerate(decoded) if d.faces]
+    skipped = [(items[i][0], str(d.error)) for i, d in enumerate(decoded) if not d.faces]
+    chips = [decoded[i].faces[0].chip for i in keep]
+    images = to_batch(chips) if keep else torch.empty(0, 3, prep.chip.height, prep.chip.width, dtype=torch.uint8)
     labels = torch.tensor([items[i][1] for i in keep], dtype=torch.long)
-    return Dataset(images, labels, [items[i][0] for i in keep]), skipped
+    return Dataset(images, labels, [items[i][0] for i in keep], [decoded[i].faces[0].how for i in keep]), skipped
 
 
 def split(dataset: Dataset, seed: int, val_fraction: float, test_fraction: float) -> tuple[Dataset, Dataset, Dataset]:

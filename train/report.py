@@ -92,10 +92,12 @@ def write_report(folder: Path, summary: dict, history: list[dict], class_names: 
         f"    {summary['command']}",
         "",
         f"Data: `{summary['data']}`: {summary['sizes']['train']} train / {summary['sizes']['val']} validation / "
-        f"{summary['sizes']['test']} test images (seed {summary['seed']}); {len(summary['skipped'])} unreadable files skipped.",
+        f"{summary['sizes']['test']} test images (seed {summary['seed']}); {len(summary['skipped'])} unreadable files skipped. "
+        "Faces: " + ", ".join(f"{n} {how.replace('_', ' ')}" for how, n in summary["faces"].items()) + ".",
         f"Best epoch by validation loss: {summary['best_epoch']} of {summary['epochs']}; "
         f"wall time {summary['wall_seconds'] / 60:.1f} min on {summary['threads']} threads. Decision threshold moved by "
-        f"{summary['decision_shift']:+.3f} (logit {class_names[1]} - {class_names[0]}) for equal recall on the validation split.",
+        f"{summary['decision_shift']:+.3f} (logit {class_names[1]} - {class_names[0]}) for equal recall on the validation split, "
+        "weighted as the epochs are drawn.",
         "",
         f"Test split: loss {summary['test']['loss']:.4f}.",
         "",
@@ -105,10 +107,13 @@ def write_report(folder: Path, summary: dict, history: list[dict], class_names: 
     rows = [(f"test: {k}", v) for k, v in summary["test"].items() if isinstance(v, dict)] + [
         (f"dev: {k}", v) for k, v in summary["dev"].items()
     ]
+    rows += [(f"test: {k}", v) for k, v in summary["test_groups"].items()]
+    rows += [(f"dev: {folder}: {k}", v) for folder, groups in summary["dev_groups"].items() for k, v in groups.items()]
     for name, s in rows:
         lines.append(
             f"| {name} | {s['count']} | {percent(s['accuracy'])} | " + " | ".join(map(percent, s["per_class"].values())) + " |"
         )
+    lines += ["", "Development sets count a picture in which no face was found as wrong (see `unanswered` in summary.json)."]
     lines += ["", "```", format_summary("test split", summary["test"]["all"], class_names), "```", ""]
     lines += ["![training curves](curves.png)", "", "![confusion matrix](confusion.png)", ""]
     (folder / "summary.md").write_text("\n".join(lines))

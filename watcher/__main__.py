@@ -1,7 +1,7 @@
 """gender-watcher command line.
 
     python -m watcher [--config FILE]                       run the inbox service
-    python -m watcher --once DIR [--output FILE] [--config FILE]   classify a folder once
+    python -m watcher --once DIR [--output FILE] [--details FILE] [--config FILE]   classify a folder once
     python -m watcher --once INBOX --move [--config FILE]     one pass of the service over its inbox
 
 Exit status: 0 success; 1 some files could not be classified (--once); 2 usage, config or
@@ -16,7 +16,6 @@ import os
 import sys
 from pathlib import Path
 
-from model.checkpoint import CheckpointError
 from watcher import config as configuration
 from watcher import log
 
@@ -31,6 +30,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="with --once: move files to done/ and failed/ and keep rolling results, as the service does",
     )
     p.add_argument("--output", type=Path, help="results file for --once without --move (default: ./process_results.json)")
+    p.add_argument(
+        "--details",
+        type=Path,
+        metavar="FILE",
+        help="with --once: also write one JSON line per file with every face found (box, score, label, probability)",
+    )
     return p.parse_args(argv)
 
 
@@ -44,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     log.setup(config.logging["level"], config.logging["format"])
     logger = log.get()
     # Imported here: they import torch (and PIL), which would make --help and config errors slow.
+    from model.checkpoint import CheckpointError
     from model.decode import DecodePool
     from watcher import once, service
 
@@ -54,8 +60,12 @@ def main(argv: list[str] | None = None) -> int:
                 return 2
             return service.Service(config).run()
         if args.move:
-            if args.output is not None:
-                print("error: --once --move keeps the configured rolling results; --output is for --once alone", file=sys.stderr)
+            if args.output is not None or args.details is not None:
+                print(
+                    "error: --once --move keeps the configured rolling results and journal; "
+                    "--output and --details are for --once alone",
+                    file=sys.stderr,
+                )
                 return 2
             if args.once.resolve() != config.inbox:
                 print(f"error: --once --move works on the configured inbox ({config.inbox}), not {args.once}", file=sys.stderr)
@@ -66,11 +76,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {args.once} is not a folder", file=sys.stderr)
             return 2
         output = args.output or Path("process_results.json")
-        if output.is_dir() or not os.access(output.parent, os.W_OK | os.X_OK):
-            print(f"error: cannot write {output}: it is a folder, or {output.parent} is not a writable one", file=sys.stderr)
-            return 2
+        for target in filter(None, (output, args.details)):
+            if target.is_dir() or not os.access(target.parent, os.W_OK | os.X_OK):
+                print(f"error: cannot write {target}: it is a folder, or {target.parent} is not a writable one", file=sys.stderr)
+                return 2
         with DecodePool(config.batch["decode_processes"]) as pool:
-            return once.classify_folder(args.once, output, config, pool)
+            return once.classify_folder(args.once, output, config, pool, details=args.details)
     except (configuration.ConfigError, CheckpointError, service.ServiceError) as exc:
         logger.error("cannot_start", reason=str(exc))
         print(f"error: {exc}", file=sys.stderr)

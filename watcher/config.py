@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 import model
+from model.faces import NO_FACE_CHOICES, FaceRules
 
 PATH_KEYS = ("inbox", "done", "failed", "results", "journal")  # resolved; the checkpoint path is not (below)
 DEFAULTS: dict[str, Any] = {
@@ -32,14 +33,17 @@ DEFAULTS: dict[str, Any] = {
         "precision": "auto",
     },
     "intake": {"watch": True, "settle_seconds": 1.0, "rescan_seconds": 30.0, "max_file_bytes": model.DEFAULT_MAX_BYTES},
+    "faces": {"min_face_pixels": 20, "max_faces": 10, "no_face": "fail"},
     "rotation": {"max_bytes": 1024 * 1024},
     "reload": {"poll_seconds": 30.0},
-    "logging": {"level": "info", "format": "auto"},
+    "logging": {"level": "info", "format": "auto", "answers": "info"},
 }
 CHOICES = {
     "batch.precision": model.PRECISIONS,
     "logging.level": ("debug", "info", "warning", "error"),
     "logging.format": ("auto", "json", "console"),
+    "logging.answers": ("debug", "info"),
+    "faces.no_face": NO_FACE_CHOICES,
 }
 # Zero is allowed for the others where it means something (no settle wait, decode processes never stopped).
 POSITIVE = (
@@ -48,6 +52,8 @@ POSITIVE = (
     "batch.torch_threads",
     "intake.rescan_seconds",
     "intake.max_file_bytes",
+    "faces.min_face_pixels",
+    "faces.max_faces",
     "rotation.max_bytes",
     "reload.poll_seconds",
 )
@@ -67,10 +73,15 @@ class Config:
     checkpoint: Path
     batch: dict[str, Any]
     intake: dict[str, Any]
+    faces: dict[str, Any]
     rotation: dict[str, Any]
     reload: dict[str, Any]
     logging: dict[str, Any]
     source: str  # where it came from, for messages
+
+    @property
+    def face_rules(self) -> FaceRules:
+        return FaceRules(**self.faces)
 
 
 def _merge(defaults: dict, given: dict, prefix: str, source: str) -> dict:

@@ -7,6 +7,7 @@ the inbox (see watcher.service).
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import time
 from collections import deque
@@ -17,7 +18,7 @@ import torch
 from model import checkpoint as ckpt
 from model.decode import DecodePool
 from model.files import write_atomic
-from model.inference import finish_batch, start_batch
+from model.inference import Outcome, finish_batch, start_batch
 from model.progress import Progress
 from watcher import log
 from watcher.config import Config, check_service_paths
@@ -37,8 +38,20 @@ def candidate_files(folder: Path) -> list[Path]:
     return [folder / name for name in names]
 
 
-def classify_folder(folder: Path, output: Path, config: Config, pool: DecodePool) -> int:
-    """Write {name: label} for every readable image in `folder` to `output`; 1 if any file failed."""
+def details_line(outcome: Outcome, version: str) -> str:
+    """--details: one JSON line for a file, with every face or the reason there is none."""
+    line = {"file": outcome.path.name, "checkpoint": version, "sha256": outcome.sha256}
+    if outcome.prediction:
+        line |= {"label": outcome.prediction.label, "probability": outcome.prediction.probability}
+        line["faces"] = [face.to_dict() for face in outcome.faces]
+    else:
+        line["error"] = outcome.error
+    return json.dumps(line, ensure_ascii=False) + "\n"
+
+
+def classify_folder(folder: Path, output: Path, config: Config, pool: DecodePool, details: Path | None = None) -> int:
+    """Write {name: label} (the main face's label) for every image with a face in `folder` to
+    `output`, and with `details` one JSON line per file; 1 if any file failed."""
     logger = log.get()
     checkpoint = ckpt.load(config.checkpoint, config.batch["precision"])
     torch.set_num_threads(config.batch["torch_threads"])
@@ -51,7 +64,8 @@ def classify_folder(folder: Path, output: Path, config: Config, pool: DecodePool
     progress = Progress(len(files), "classifying")
     size, max_bytes = config.batch["max_size"], config.intake["max_file_bytes"]
     batches = [files[i : i + size] for i in range(0, len(files), size)]
-    started = (start_batch(batch, checkpoint, pool, max_bytes) for batch in batches)
+    started = (start_batch(batch, checkpoint, pool, config.face_rules, max_bytes) for batch in batches)
+    lines: list[str] = []
     # Later batches decode while the model runs on this one; several queued keep the decode
     # workers busy whenever the model leaves a core free.
     in_flight = deque(itertools.islice(started, LOOKAHEAD))
@@ -59,6 +73,7 @@ def classify_folder(folder: Path, output: Path, config: Config, pool: DecodePool
         pending = in_flight.popleft()
         in_flight.extend(itertools.islice(started, 1))
         for outcome in finish_batch(pending, checkpoint, pool):
+            lines.append(details_line(outcome, checkpoint.version))
             if outcome.prediction:
                 results[outcome.path.name] = outcome.prediction.label
             else:
@@ -66,6 +81,8 @@ def classify_folder(folder: Path, output: Path, config: Config, pool: DecodePool
                 logger.warning("failed", file=outcome.path.name, reason=outcome.error)
         progress.advance(len(pending.paths))
     write_atomic(output, encode_results(dict(sorted(results.items()))))
+    if details is not None:
+        write_atomic(details, "".join(lines).encode())
     logger.info("once_done", classified=len(results), failed=failures, output=str(output))
     return 1 if failures else 0
 

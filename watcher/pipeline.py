@@ -28,7 +28,7 @@ from watcher.results import ResultStore
 
 
 def start(paths: list[Path], checkpoint: Checkpoint, pool: DecodePool, config: Config) -> PendingDecode:
-    return start_batch(paths, checkpoint, pool, config.intake["max_file_bytes"])
+    return start_batch(paths, checkpoint, pool, config.face_rules, config.intake["max_file_bytes"])
 
 
 def process_batch(paths: list[Path], checkpoint: Checkpoint, pool: DecodePool, store: ResultStore, config: Config) -> list[dict]:
@@ -67,7 +67,18 @@ def commit(pending: PendingDecode, checkpoint: Checkpoint, pool: DecodePool, sto
             "checkpoint": checkpoint.version,
         }
         if outcome.prediction:
-            record |= {"label": outcome.prediction.label, "probability": outcome.prediction.probability}
+            record |= {
+                "label": outcome.prediction.label,
+                "probability": outcome.prediction.probability,
+                "faces": [face.to_dict() for face in outcome.faces],
+            }
+            getattr(logger, config.logging["answers"])(
+                "answered",
+                file=outcome.path.name,
+                label=outcome.prediction.label,
+                probability=outcome.prediction.probability,
+                faces=len(outcome.faces),
+            )
         else:
             record["reason"] = outcome.error
             logger.warning("failed", file=outcome.path.name, reason=outcome.error, moved_to=record["dest"])

@@ -1,0 +1,241 @@
+"""Finding every face in a picture and cutting each into the model's chip.
+
+    RGB array -> YuNet (cv2.FaceDetectorYN): a padded pass for close-ups and crops, a larger one
+    for small faces in big photos, merged by NMS -> faces (box, 5 landmarks, score)
+              -> similarity transform from the landmarks onto the chip's template -> uint8 chip
+
+A face-sized picture (a crop) in which no face passes the score threshold is still taken as one:
+its best weaker detection, or else the whole picture, unless it is flat or pure noise. Torch-free,
+like model.decode, so that the decode worker processes run it. The detector is YuNet from the
+OpenCV model zoo (MIT licence, see YUNET-LICENSE beside this file).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+DETECTOR_FILE = Path(__file__).with_name("face_detection_yunet_2023mar.onnx")
+DETECTOR_SHA256 = "8f2383e4dd3cfbb4553ea8718107fc0423210dc964f9f4280604804ed2552fa4"
+NO_FACE = "no face found"
+NO_FACE_CHOICES = ("fail", "answer")
+# Where the eyes, the nose tip and the mouth corners land in the chip, as fractions of its width
+# and height: the usual 5-point face template, widened so that the chip holds the hair about the
+# face and the chin (eye line at 0.42, eyes 0.27 of the width apart).
+CHIP_LANDMARKS = ((0.3656, 0.4208), (0.6330, 0.4193), (0.5002, 0.5499), (0.3904, 0.7294), (0.6121, 0.7281))
+# YuNet's landmarks relative to its own box (fractions of the box's width and height), averaged
+# over detections on face crops: how a whole picture taken as one face is aligned.
+BOX_LANDMARKS = ((0.284, 0.384), (0.731, 0.382), (0.51, 0.586), (0.317, 0.739), (0.699, 0.738))
+# The colour of the chip beyond the picture's edges, and of the detector's padding.
+OUTSIDE = (128, 128, 128)
+# A picture whose longer side is at most this many pixels may be a face crop (see module docstring).
+FACE_SIZED = 512
+
+
+@dataclass(frozen=True)
+class ChipSpec:
+    """The face chip the model takes: its size and where the five landmarks land in it."""
+
+    height: int
+    width: int
+    landmarks: tuple[tuple[float, float], ...] = CHIP_LANDMARKS
+
+    def to_dict(self) -> dict:
+        return {"height": self.height, "width": self.width, "landmarks": [list(p) for p in self.landmarks]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ChipSpec:
+        points = tuple((float(x), float(y)) for x, y in d["landmarks"])
+        if len(points) != 5 or not all(0 <= v <= 1 for p in points for v in p) or points[0][0] >= points[1][0]:
+            raise ValueError(f"landmarks must be 5 points inside the chip, left eye left of the right one: {points}")
+        return cls(int(d["height"]), int(d["width"]), points)
+
+
+@dataclass(frozen=True)
+class DetectorSpec:
+    """The detector and how it is run; part of the preprocessing a checkpoint was trained with."""
+
+    name: str = "yunet-2023mar"
+    sha256: str = DETECTOR_SHA256
+    score_threshold: float = 0.6  # 0.9 loses turned and dark faces, 0.5 finds faces in blurred backgrounds
+    weak_threshold: float = 0.3  # what a face-sized picture settles for when nothing passes score_threshold
+    nms_threshold: float = 0.3
+    close_side: int = 320  # longest side of the padded pass (YuNet sees faces of about 10-300 px)
+    far_side: int = 960  # longest side of the pass for small faces in big photos
+    pad: float = 0.3  # border added around the picture for the close pass, as a fraction of its longer side
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> DetectorSpec:
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class FaceRules:
+    """The serving choices: which faces count, and what a picture without one gets."""
+
+    min_face_pixels: int = 20  # shorter side of a face's box in the picture's own pixels
+    max_faces: int = 10  # the largest ones are kept
+    no_face: str = "fail"  # "answer": classify the whole picture as one face instead
+
+
+@dataclass(frozen=True)
+class Face:
+    """One face of a picture: where it is (in the picture's own pixels), how it was found, its chip."""
+
+    box: tuple[float, float, float, float]  # left, top, width, height
+    score: float  # the detector's; 0 for a whole picture taken as the face
+    how: str  # "detected", "weak_detection" (a face-sized picture's best weaker find) or "whole_image"
+    chip: np.ndarray  # uint8 (height, width, 3)
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """Everything the decode workers need to turn a picture into chips."""
+
+    chip: ChipSpec
+    detector: DetectorSpec
+    rules: FaceRules
+
+
+class DetectorMissing(RuntimeError):
+    """The detector file is absent or not the one the checkpoint was trained with."""
+
+
+def check_detector(spec: DetectorSpec, path: Path = DETECTOR_FILE) -> None:
+    """Raise DetectorMissing unless `path` is the detector `spec` names (by SHA-256)."""
+    try:
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError as exc:
+        raise DetectorMissing(f"face detector {path} cannot be read: {exc.strerror}") from None
+    if digest != spec.sha256:
+        raise DetectorMissing(
+            f"face detector {path} is not the one the checkpoint was trained with "
+            f"({spec.name}, sha256 {spec.sha256[:12]}..., found {digest[:12]}...)"
+        )
+
+
+@functools.cache
+def _detector(spec: DetectorSpec) -> cv2.FaceDetectorYN:
+    check_detector(spec)
+    cv2.setNumThreads(1)  # one decode process per core: threads inside each would only fight
+    return cv2.FaceDetectorYN.create(str(DETECTOR_FILE), "", (spec.close_side, spec.close_side), spec.weak_threshold, 1.0, 100)
+
+
+def _run_pass(rgb: np.ndarray, side: int, pad: float, spec: DetectorSpec) -> np.ndarray:
+    """Detections (N, 15: box, 5 landmarks, score) in `rgb`'s pixels, from the picture scaled so
+    that, once padded by `pad` of its longer side (grey: repeating the edges would repeat a face),
+    its longer side is `side`."""
+    height, width = rgb.shape[:2]
+    scale = side / ((1 + 2 * pad) * max(height, width))
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    small = cv2.resize(rgb, size, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
+    border = round(pad * max(size))
+    padded = cv2.copyMakeBorder(small, border, border, border, border, cv2.BORDER_CONSTANT, value=OUTSIDE)
+    detector = _detector(spec)
+    detector.setInputSize((padded.shape[1], padded.shape[0]))
+    _, found = detector.detect(np.ascontiguousarray(padded[:, :, ::-1]))  # YuNet takes BGR
+    if found is None:
+        return np.empty((0, 15), np.float32)
+    found = found.astype(np.float32)
+    found[:, [0, *range(4, 14, 2)]] -= border  # the box's left and the landmarks' x
+    found[:, [1, *range(5, 14, 2)]] -= border  # the box's top and the landmarks' y
+    found[:, :14] /= scale
+    return found
+
+
+def detect(rgb: np.ndarray, spec: DetectorSpec) -> np.ndarray:
+    """Every detection at or above spec.weak_threshold, both passes merged by NMS, best first."""
+    passes = [_run_pass(rgb, spec.close_side, spec.pad, spec)]
+    if max(rgb.shape[:2]) > 1.5 * spec.close_side:
+        passes.append(_run_pass(rgb, min(spec.far_side, max(rgb.shape[:2])), 0.0, spec))
+    found = np.concatenate(passes)
+    if len(found) > 1:
+        keep = cv2.dnn.NMSBoxes(found[:, :4].tolist(), found[:, 14].tolist(), spec.weak_threshold, spec.nms_threshold)
+        found = found[np.asarray(keep, dtype=int).reshape(-1)]
+    return found[np.argsort(-found[:, 14], kind="stable")]
+
+
+def _similarity(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
+    """The 2x3 rotation + uniform scale + shift that maps the points `src` onto `dst` with the least
+    squared error (Umeyama's method, reflections excluded)."""
+    src_mean, dst_mean = src.mean(0), dst.mean(0)
+    s, d = src - src_mean, dst - dst_mean
+    u, sigma, vt = np.linalg.svd(d.T @ s / len(src))
+    sign = np.diag([1.0, np.sign(np.linalg.det(u @ vt)) or 1.0])
+    rotation = u @ sign @ vt
+    scale = float(np.trace(np.diag(sigma) @ sign) / s.var(0).sum())
+    matrix = np.empty((2, 3))
+    matrix[:, :2] = scale * rotation
+    matrix[:, 2] = dst_mean - matrix[:, :2] @ src_mean
+    return matrix
+
+
+def cut_chip(rgb: np.ndarray, landmarks: np.ndarray, chip: ChipSpec) -> np.ndarray:
+    """The chip for a face whose 5 landmarks (in `rgb`'s pixels) are given. A face much larger than
+    the chip is first shrunk by area averaging, so that the chip is not aliased."""
+    target = np.array(chip.landmarks) * (chip.width, chip.height)
+    matrix = _similarity(landmarks.astype(np.float64), target)
+    scale = float(np.hypot(*matrix[:, 0]))
+    if scale < 0.5:
+        # cut the chip's footprint (with a margin) out of the picture and shrink it to twice the chip's scale
+        corners = np.array([[0, 0], [chip.width, 0], [0, chip.height], [chip.width, chip.height]], np.float64)
+        inverse = cv2.invertAffineTransform(matrix)
+        source = corners @ inverse[:, :2].T + inverse[:, 2]
+        left, top = np.floor(source.min(0)).astype(int) - 2
+        right, bottom = np.ceil(source.max(0)).astype(int) + 2
+        height, width = rgb.shape[:2]
+        left, top, right, bottom = max(left, 0), max(top, 0), min(right, width), min(bottom, height)
+        if right - left >= 2 and bottom - top >= 2:
+            factor = 2 * scale
+            region = rgb[top:bottom, left:right]
+            size = (max(1, round(region.shape[1] * factor)), max(1, round(region.shape[0] * factor)))
+            fx, fy = size[0] / region.shape[1], size[1] / region.shape[0]
+            # a pixel (u, v) of the shrunk region is the picture's ((u + 0.5) / fx - 0.5 + left, ...)
+            to_picture = np.array([[1 / fx, 0, 0.5 / fx - 0.5 + left], [0, 1 / fy, 0.5 / fy - 0.5 + top], [0, 0, 1]])
+            matrix = matrix @ to_picture
+            rgb = cv2.resize(region, size, interpolation=cv2.INTER_AREA)
+    # Beyond the picture's edge the chip is grey: repeating the edge would draw, say, a forehead
+    # running up to the chip's top, a bald head where a tight crop cut off the hair.
+    return cv2.warpAffine(
+        rgb, matrix, (chip.width, chip.height), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=OUTSIDE
+    )
+
+
+def _looks_like_a_picture(rgb: np.ndarray) -> bool:
+    """False for a flat picture and for noise: photos vary, and are smooth from one pixel to the next."""
+    grey = rgb.astype(np.float32).mean(2)
+    spread = float(grey.std())
+    if spread < 4:
+        return False
+    step = float(np.abs(np.diff(grey, axis=1)).mean() + np.abs(np.diff(grey, axis=0)).mean()) / 2
+    return step < 0.5 * spread
+
+
+def find_faces(rgb: np.ndarray, scale: float, chip: ChipSpec, spec: DetectorSpec, rules: FaceRules) -> list[Face]:
+    """The faces of a picture decoded at `scale` of its own size, largest first; [] for none.
+    Boxes are in the picture's own pixels (divided by `scale`)."""
+    height, width = rgb.shape[:2]
+    found = detect(rgb, spec)
+    face_sized = max(height, width) / scale <= FACE_SIZED
+    faces: list[Face] = []
+    for row in found[found[:, 14] >= spec.score_threshold]:
+        box = tuple(float(v) / scale for v in row[:4])
+        if min(box[2], box[3]) >= rules.min_face_pixels:
+            faces.append(Face(box, round(float(row[14]), 4), "detected", cut_chip(rgb, row[4:14].reshape(5, 2), chip)))
+    if not faces and face_sized and len(found):
+        row = found[0]
+        box = tuple(float(v) / scale for v in row[:4])
+        faces.append(Face(box, round(float(row[14]), 4), "weak_detection", cut_chip(rgb, row[4:14].reshape(5, 2), chip)))
+    if not faces and (rules.no_face == "answer" or (face_sized and _looks_like_a_picture(rgb))):
+        points = np.array(BOX_LANDMARKS) * (width, height)
+        faces.append(Face((0.0, 0.0, width / scale, height / scale), 0.0, "whole_image", cut_chip(rgb, points, chip)))
+    faces.sort(key=lambda f: f.box[2] * f.box[3], reverse=True)
+    return faces[: rules.max_faces]
