@@ -48,9 +48,11 @@ class GenderNet(nn.Module):
 class ConvReLU(nn.Module):
     """Inference only: a convolution and the ReLU after it, in one oneDNN call where torch has
     that (x86 and ARM CPU builds): it saves a pass over the feature map that costs a third as
-    much as the convolution itself. Elsewhere, the plain two steps."""
+    much as the convolution itself. Elsewhere, and for bfloat16 on a CPU whose oneDNN has no
+    bfloat16 kernels (no AVX-512), the plain two steps."""
 
     fused = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
+    fused_bfloat16 = fused and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
     def __init__(self, conv: nn.Conv2d) -> None:
         super().__init__()
@@ -58,7 +60,7 @@ class ConvReLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         c = self.conv
-        if self.fused and x.device.type == "cpu":
+        if self.fused and x.device.type == "cpu" and (x.dtype != torch.bfloat16 or self.fused_bfloat16):
             return torch.ops.mkldnn._convolution_pointwise(
                 x, c.weight, c.bias, c.padding, c.stride, c.dilation, c.groups, "relu", [], ""
             )

@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from model import checkpoint as ckpt
+from model.faces import ChipSpec, DetectorSpec, FaceRules, Preprocessing
 from model.network import GenderNet
 from model.preprocess import InputSpec
 
@@ -33,6 +34,15 @@ def make_tiny_checkpoint(path: Path, seed: int = 0, head_scale: float = 1.0) -> 
     with torch.no_grad():
         model.head[-1].weight.mul_(head_scale)
     return ckpt.save(path, model, TINY_ARCH, TINY_SPEC, ["female", "male"], {"note": f"random weights, seed {seed}"})
+
+
+# The generated test images hold no faces: unless a test is about faces, every picture is answered
+# whole (the `faces.no_face: answer` setting), so that the plumbing tests see answers.
+ANSWER_EVERY_PICTURE = FaceRules(no_face="answer")
+
+
+def tiny_preprocessing(rules: FaceRules = ANSWER_EVERY_PICTURE) -> Preprocessing:
+    return Preprocessing(ChipSpec(TINY_SPEC.height, TINY_SPEC.width), DetectorSpec(), rules)
 
 
 @pytest.fixture(scope="session")
@@ -57,9 +67,11 @@ def image_bytes(
 
 
 def write_config(folder: Path, checkpoint: Path, **sections: dict) -> Path:
-    """A service config in `folder` with inbox/, done/, failed/, results/ created there."""
+    """A service config in `folder` with inbox/, done/, failed/, results/ created there; faces
+    are answered as ANSWER_EVERY_PICTURE unless a `faces` section is given."""
     for name in ("inbox", "done", "failed", "results"):
         (folder / name).mkdir(exist_ok=True)
+    sections.setdefault("faces", {"no_face": "answer"})
     lines = [f"checkpoint: {checkpoint}", "logging: {format: json, level: info}"]
     lines += [f"{name}: {values}" for name, values in sections.items()]
     path = folder / "config.yaml"

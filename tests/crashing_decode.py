@@ -7,9 +7,10 @@ import os
 from pathlib import Path
 
 from model.decode import Decoded, decode_files
+from model.faces import Preprocessing
 
 
-def decode_or_die(paths: list[Path], height: int, width: int, max_bytes: int) -> list[Decoded]:
+def decode_or_die(paths: list[Path], prep: Preprocessing, max_bytes: int) -> list[Decoded]:
     if any(Path(p).name.startswith("crash") for p in paths):
         os._exit(139)
-    return decode_files(paths, height, width, max_bytes)
+    return decode_files(paths, prep, max_bytes)

@@ -1,14 +1,12 @@
-"""Training augmentation: shapes and ranges, faces moved to one spread of sizes, and the glasses
-drawn over the eyes."""
+"""Training augmentation: shapes and ranges, the alignment jitter, and the glasses drawn over the
+chip's eyes."""
 
 import math
-from pathlib import Path
 
-import pytest
 import torch
 
-from train import augment as augment_module
-from train.augment import DEFAULT_EYES, EYES, OWN_ZOOM, TARGET_EYE_LINE, TARGET_HALF_EYES, _geometry, _glasses, augment, eyes_of
+from model.faces import OUTSIDE
+from train.augment import EYES, SHIFT, ZOOM, _geometry, _glasses, augment
 
 
 def grey_batch(n: int = 8, size: int = 64) -> torch.Tensor:
@@ -42,29 +40,23 @@ def eye_spots(x: torch.Tensor) -> list[tuple[float, float, float]]:
     return found
 
 
-@pytest.mark.parametrize("moved", [True, False])
-def test_geometry_spreads_every_source_over_the_same_face_sizes(monkeypatch, moved):
-    """A dot on each eye of tight (CelebA) and loose (AAF) faces. Moved images end up with their
-    eyes on the target eye line, half the target eye distance apart; the others keep their source's
-    eye line and zoom only by OWN_ZOOM."""
-    monkeypatch.setattr(augment_module, "MOVED_SHARE", 1.0 if moved else 0.0)
+def test_geometry_jitters_the_alignment_within_its_ranges():
+    """A dot on each eye of the chip: after the jitter the eyes' midpoint moves by at most the
+    shift (and the rotation about the centre), and half their distance changes by at most the zoom."""
     size, n = 128, 64
-    eyes = torch.tensor([EYES["unprefixed"]] * (n // 2) + [EYES["aaf"]] * (n // 2))
-    x = torch.zeros(n, 1, size, size)
-    for i, (line, half) in enumerate(eyes.tolist()):
-        for centre in (0.5 - half, 0.5 + half):
-            x[i, :, int(line * size) - 1 : int(line * size) + 2, int(centre * size) - 1 : int(centre * size) + 2] = 1.0
-    out = _geometry(x, torch.Generator().manual_seed(0), 1.0, eyes)
-    jitter, stretch = 0.04 + 1 / size, 1.11  # the random shift, and aspect changes of up to e^0.1
-    for (mid_x, mid_y, half), (line, source_half) in zip(eye_spots(out), eyes.tolist(), strict=True):
-        assert abs(mid_x - 0.5) < jitter
-        if moved:
-            assert TARGET_EYE_LINE[0] - jitter < mid_y < TARGET_EYE_LINE[1] + jitter
-            assert TARGET_HALF_EYES[0] / stretch - 1 / size < half < TARGET_HALF_EYES[1] * stretch + 1 / size
-        else:
-            assert abs(mid_y - line) < jitter
-            low, high = (source_half * z for z in OWN_ZOOM)
-            assert low / stretch - 1 / size < half < high * stretch + 1 / size
+    line, half = EYES
+    grey = OUTSIDE[0] / 255
+    x = torch.full((n, 1, size, size), grey)  # the dots on the grey that also fills the chip beyond the picture
+    for centre in (0.5 - half, 0.5 + half):
+        x[:, :, int(line * size) - 1 : int(line * size) + 2, int(centre * size) - 1 : int(centre * size) + 2] = 1.0
+    out = _geometry(x, torch.Generator().manual_seed(0), 1.0)
+    stretch = 1.07  # aspect changes of up to e^0.06
+    spots = eye_spots((out - grey).clamp(min=0))
+    for mid_x, mid_y, found_half in spots:
+        reach = SHIFT + abs(line - 0.5) * 0.2 + 2 / size  # the shift, and a rotation of 10 degrees about the centre
+        assert abs(mid_x - 0.5) < reach and abs(mid_y - line) < reach
+        assert half / ZOOM[1] / stretch - 1 / size < found_half < half / ZOOM[0] * stretch + 1 / size
+    assert len({round(h, 3) for _, _, h in spots}) > n // 2  # and it does vary
 
 
 def test_glasses_sit_on_the_eye_line():
@@ -80,11 +72,5 @@ def test_glasses_sit_on_the_eye_line():
 
 def test_no_glasses_at_strength_zero():
     x = grey_batch().float() / 255
-    out = _glasses(x.clone(), torch.tensor([DEFAULT_EYES] * 8), torch.Generator().manual_seed(0), s=0.0)
+    out = _glasses(x.clone(), torch.tensor([EYES] * 8), torch.Generator().manual_seed(0), s=0.0)
     assert torch.equal(out, x)
-
-
-def test_eyes_of_uses_each_source_and_a_default():
-    eyes = eyes_of([Path("123.jpg"), Path("aaf_01A30.jpg"), Path("scut_AF1.jpg"), Path("other_1.jpg")])
-    expected = torch.tensor([EYES["unprefixed"], EYES["aaf"], EYES["scut"], DEFAULT_EYES])
-    assert torch.equal(eyes, expected)

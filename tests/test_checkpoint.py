@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from model import checkpoint as ckpt
+from model.faces import ChipSpec, DetectorSpec
 from model.network import ConvReLU, GenderNet
 from model.preprocess import InputSpec
 from tests.conftest import TINY_ARCH, TINY_SPEC, make_tiny_checkpoint
@@ -112,7 +113,8 @@ def test_weights_of_another_shape(good):
 
 def _save_rehashed(payload, path):
     """As a hostile or buggy writer would: the version's hash recomputed for the edited weights."""
-    payload["version"] = "edited-" + ckpt.weights_hash(payload["state_dict"])
+    described = {key: payload[key] for key in ("input", "chip", "detector")}
+    payload["version"] = "edited-" + ckpt.content_hash(payload["state_dict"], described)
     torch.save(payload, path)
 
 
@@ -177,6 +179,7 @@ def test_a_network_too_deep_for_its_input_fails_its_canary(tmp_path):
         ckpt.save(path, model, arch, spec, ["f", "m"], {})
     state = model.state_dict()
     payload = {"format": ckpt.FORMAT, "arch": "GenderNet", "arch_args": arch, "input": spec.to_dict()}
+    payload |= {"chip": ChipSpec(8, 8).to_dict(), "detector": DetectorSpec().to_dict()}
     _save_rehashed(payload | {"class_names": ["f", "m"], "state_dict": state, "meta": {}}, path)
     _refused(path, "canary forward pass failed")
 

@@ -13,7 +13,7 @@ from PIL import Image, ImageOps
 from model import checkpoint as ckpt
 from model import decode
 from model.decode import DecodePool, decode_files
-from tests.conftest import image_bytes, write_config
+from tests.conftest import image_bytes, tiny_preprocessing, write_config
 from watcher import config as configuration
 from watcher import log, pipeline
 from watcher.service import open_store
@@ -125,10 +125,10 @@ def test_any_exception_while_decoding_fails_only_that_file(tmp_path, monkeypatch
         return real(img, **kwargs)
 
     monkeypatch.setattr(decode.ImageOps, "exif_transpose", damaged_exif)
-    results = decode_files([broken, good], 16, 16)
-    assert results[0].pixels is None and "struct.error" in results[0].error
+    results = decode_files([broken, good], tiny_preprocessing())
+    assert results[0].faces is None and "struct.error" in results[0].error
     assert results[0].sha256 == hashlib.sha256(broken.read_bytes()).hexdigest()
-    assert results[1].pixels is not None and results[1].error is None
+    assert results[1].faces and results[1].error is None
 
 
 def test_the_pool_calls_its_heartbeat_while_a_slow_batch_decodes(tmp_path):
@@ -138,8 +138,8 @@ def test_the_pool_calls_its_heartbeat_while_a_slow_batch_decodes(tmp_path):
     big.write_bytes(buffer.getvalue())
     beats = []
     with DecodePool(1, heartbeat=lambda: beats.append(1), heartbeat_seconds=0.01) as pool:
-        (result,) = pool.wait(pool.start([big], 16, 16))
-    assert result.pixels is not None and beats
+        (result,) = pool.wait(pool.start([big], tiny_preprocessing()))
+    assert result.faces and beats
 
 
 def test_the_heartbeat_counts_across_waits(tmp_path):
@@ -151,5 +151,5 @@ def test_the_heartbeat_counts_across_waits(tmp_path):
     with DecodePool(1, heartbeat=lambda: beats.append(1), heartbeat_seconds=0.1) as pool:
         for path in photos:  # each wait far shorter than the interval, together longer
             time.sleep(0.03)
-            pool.wait(pool.start([path], 16, 16))
+            pool.wait(pool.start([path], tiny_preprocessing()))
     assert beats

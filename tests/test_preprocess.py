@@ -5,17 +5,22 @@ import pytest
 import torch
 from PIL import Image
 
-from model.decode import MAX_PIXELS, ImageError
-from model.preprocess import InputSpec, load_image, normalize, to_batch, to_tensor
+from model.decode import MAX_PIXELS, ImageError, decode_picture
+from model.preprocess import InputSpec, normalize, to_batch
 from tests.conftest import image_bytes
 
 H, W = 64, 64
 
 
+def to_tensor(pixels: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(pixels).permute(2, 0, 1)
+
+
 def check(data: bytes) -> torch.Tensor:
-    out = load_image(data, H, W)
-    assert out.shape == (3, H, W) and out.dtype == torch.uint8
-    return out
+    """The picture as decoded, upright RGB, (3, height, width)."""
+    pixels, _ = decode_picture(data, max(H, W))
+    assert pixels.ndim == 3 and pixels.shape[2] == 3 and pixels.dtype == np.uint8
+    return to_tensor(pixels)
 
 
 def save(img: Image.Image, fmt: str, **kw) -> bytes:
@@ -58,7 +63,7 @@ def test_16bit_png_uses_the_full_range():
     arr = np.full((40, 40), 40000, dtype=np.uint16)
     arr[:, :20] = 10000
     out = check(save(Image.fromarray(arr), "PNG"))
-    assert int(out[0, 20, 60]) == 255 and 50 < int(out[0, 20, 2]) < 80  # scaled, not clipped
+    assert int(out[0, 20, 30]) == 255 and 50 < int(out[0, 20, 2]) < 80  # scaled, not clipped
 
 
 def test_exif_rotation_is_applied():
@@ -74,7 +79,14 @@ def test_exif_rotation_is_applied():
 
 def test_tiny_and_huge():
     check(image_bytes(size=(1, 1)))
-    check(save(Image.new("RGB", (6000, 4000), (90, 90, 90)), "JPEG"))
+    # a big JPEG is decoded at the smallest of 1/2, 1/4 or 1/8 scale that leaves the longer side as asked
+    big = save(Image.new("RGB", (6000, 4000), (90, 90, 90)), "JPEG")
+    assert [(p.shape, scale) for p, scale in (decode_picture(big, side) for side in (1500, 960, 750, 64))] == [
+        ((1000, 1500, 3), 1 / 4),
+        ((1000, 1500, 3), 1 / 4),
+        ((500, 750, 3), 1 / 8),
+        ((500, 750, 3), 1 / 8),
+    ]
 
 
 def test_animated_gif_takes_the_first_frame():
@@ -95,7 +107,7 @@ def test_animated_gif_takes_the_first_frame():
 )
 def test_unreadable_input_says_why(data, reason):
     with pytest.raises(ImageError, match=reason):
-        load_image(data, H, W)
+        decode_picture(data, H)
 
 
 def test_decompression_bomb_is_refused_before_decoding():
@@ -103,7 +115,7 @@ def test_decompression_bomb_is_refused_before_decoding():
     data = save(Image.new("1", (side, side)), "PNG")  # tiny file, enormous pixel count
     assert len(data) < 2_000_000
     with pytest.raises(ImageError, match="over the limit"):
-        load_image(data, H, W)
+        decode_picture(data, H)
 
 
 def test_to_batch_stacks_without_changing_pixels_and_is_channels_last():

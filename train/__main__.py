@@ -53,6 +53,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--widths", type=int, nargs="+", default=[32, 64, 128, 256])
     p.add_argument("--stem-width", type=int, default=32)
     p.add_argument("--augment", type=float, default=1.0, help="augmentation strength: 0 only mirror flips, 1 default")
+    p.add_argument(
+        "--init",
+        type=Path,
+        metavar="CHECKPOINT",
+        help="start from this checkpoint's weights (same architecture) instead of random ones: a shorter run then suffices",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--val-fraction", type=float, default=0.05)
     p.add_argument("--test-fraction", type=float, default=0.10)
@@ -79,10 +85,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"--dev {folder}: {exc}")
     if args.out.is_dir():
         p.error(f"--out {args.out} is a folder; give the checkpoint's file name")
+    if args.init is not None:
+        try:
+            args.init_payload = initial_weights(args.init, {"stem_width": args.stem_width, "widths": list(args.widths)})
+        except ckpt.CheckpointError as exc:
+            p.error(f"--init: {exc}")
     out_folder = next((f for f in args.out.absolute().parents if f.exists()), None)
     if out_folder is None or not out_folder.is_dir() or not os.access(out_folder, os.W_OK | os.X_OK):
         p.error(f"--out {args.out}: cannot create it ({out_folder} is not a writable folder)")
     return args
+
+
+def initial_weights(path: Path, arch_args: dict) -> dict:
+    """The version and weights of a checkpoint to start from, of any format version (only its
+    weights are used, not its preprocessing): they must fit GenderNet with `arch_args`."""
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+        if payload["arch"] != GenderNet.__name__ or payload["arch_args"] != arch_args:
+            raise ValueError(f"it is {payload['arch']} {payload['arch_args']}, not GenderNet {arch_args}")
+        GenderNet(**arch_args, num_classes=len(CLASS_NAMES)).load_state_dict(payload["state_dict"])
+        return {"version": str(payload["version"]), "state_dict": payload["state_dict"]}
+    except Exception as exc:
+        raise ckpt.CheckpointError(f"cannot start from {path}: {ckpt._first_line(exc)}") from None
 
 
 def _device(model: torch.nn.Module) -> torch.device:
@@ -188,7 +212,10 @@ def main(argv: list[str] | None = None) -> int:
         )
 
     arch_args = {"stem_width": args.stem_width, "widths": list(args.widths)}
-    model = GenderNet(**arch_args, num_classes=len(CLASS_NAMES)).to(args.device, memory_format=torch.channels_last)
+    model = GenderNet(**arch_args, num_classes=len(CLASS_NAMES))
+    if args.init is not None:
+        model.load_state_dict(args.init_payload["state_dict"])
+    model = model.to(args.device, memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     steps = args.epochs * (len(train_set.labels) // args.batch_size)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, total_steps=steps, pct_start=0.15)
@@ -261,6 +288,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python -m train " + shlex.join(sys.argv[1:] if argv is None else argv),
         "data": str(args.data),
         "seed": args.seed,
+        "init": args.init_payload["version"] if args.init is not None else None,
         "sizes": {"train": len(train_set.labels), "val": len(val_set.labels), "test": len(test_set.labels)},
         "faces": found,
         "skipped": [f"{p}: {r}" for p, r in skipped],
@@ -277,7 +305,19 @@ def main(argv: list[str] | None = None) -> int:
         "dev_groups": dev_groups,
         "history": history,
     }
-    kept = ("command", "data", "seed", "sizes", "epochs", "best_epoch", "wall_seconds", "val_loss", "decision_shift", "precision")
+    kept = (
+        "command",
+        "data",
+        "seed",
+        "init",
+        "sizes",
+        "epochs",
+        "best_epoch",
+        "wall_seconds",
+        "val_loss",
+        "decision_shift",
+        "precision",
+    )
     meta = {k: summary[k] for k in kept}
     meta["test_accuracy"] = {k: v["accuracy"] for k, v in test.items() if isinstance(v, dict)}
     meta["dev_accuracy"] = {k: v["accuracy"] for k, v in dev.items()}

@@ -94,7 +94,8 @@ def write_report(folder: Path, summary: dict, history: list[dict], class_names: 
         f"Data: `{summary['data']}`: {summary['sizes']['train']} train / {summary['sizes']['val']} validation / "
         f"{summary['sizes']['test']} test images (seed {summary['seed']}); {len(summary['skipped'])} unreadable files skipped. "
         "Faces: " + ", ".join(f"{n} {how.replace('_', ' ')}" for how, n in summary["faces"].items()) + ".",
-        f"Best epoch by validation loss: {summary['best_epoch']} of {summary['epochs']}; "
+        (f"Started from the weights of checkpoint `{summary['init']}`. " if summary.get("init") else "")
+        + f"Best epoch by validation loss: {summary['best_epoch']} of {summary['epochs']}; "
         f"wall time {summary['wall_seconds'] / 60:.1f} min on {summary['threads']} threads. Decision threshold moved by "
         f"{summary['decision_shift']:+.3f} (logit {class_names[1]} - {class_names[0]}) for equal recall on the validation split, "
         "weighted as the epochs are drawn.",

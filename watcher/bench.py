@@ -1,11 +1,13 @@
 """python -m watcher.bench: how fast each stage is, on a folder of real faces.
 
 Reports, in one run on this machine:
-  1. decode ceiling: read + load_image on all cores (one process per core), no model
+  1. decode ceilings on all cores (one process per core), no model: read + decode + face
+     detection and alignment, and the same without detection (decode + resize to the chip)
   2. model throughput on real faces at batch sizes 1, 32 and 256 (as served: mirror images too
      where the answer is close)
   3. one image at a time, the original script's way (open, resize, one forward pass per file)
-  4. --once end to end (files on disk to results file written), and its ratios to 1 and 3
+  4. --once end to end (files on disk to results file written), and its ratios to 1 and 3; --once
+     on generated 12-megapixel JPEG photos with one face each
   5. the service: arrival-to-durable latency p50/p99 at a steady rate, and the highest rate it
      sustains without a growing backlog; the latency of the first file after idling
   6. the idle service: resident memory and CPU use, once its decode processes have stopped, and
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -34,9 +37,11 @@ from PIL import Image
 
 import model
 from model import checkpoint as ckpt
-from model.decode import DecodePool, decode_image, read_image_bytes
+from model.decode import DecodePool, decode_faces, decode_picture, read_image_bytes
+from model.faces import Preprocessing
 from model.inference import mirror_averaged_logits, model_input
-from model.preprocess import load_image, to_batch
+from model.preprocess import to_batch
+from train.photos import compose
 from watcher import config as configuration
 from watcher import log
 from watcher.once import candidate_files, classify_folder
@@ -53,15 +58,20 @@ def sample_files(folder: Path, count: int) -> list[Path]:
     return files[::step][:count]
 
 
-def _decode_chunk(args: tuple[list[str], int, int]) -> int:
-    paths, height, width = args
+def _decode_chunk(args: tuple[list[str], Preprocessing, bool]) -> int:
+    paths, prep, detect = args
     for path in paths:
-        load_image(read_image_bytes(path), height, width)
+        data = read_image_bytes(path)
+        if detect:
+            decode_faces(data, prep)
+        else:
+            pixels, _ = decode_picture(data, max(prep.chip.height, prep.chip.width))
+            Image.fromarray(pixels).resize((prep.chip.width, prep.chip.height), Image.Resampling.BILINEAR)
     return len(paths)
 
 
-def decode_ceiling(files: list[Path], spec, workers: int) -> float:
-    chunks = [([str(p) for p in files[i::workers]], spec.height, spec.width) for i in range(workers)]
+def decode_ceiling(files: list[Path], prep: Preprocessing, workers: int, detect: bool = True) -> float:
+    chunks = [([str(p) for p in files[i::workers]], prep, detect) for i in range(workers)]
     with ProcessPoolExecutor(workers) as pool:
         pool.submit(int).result()  # start the workers before the clock
         start = time.perf_counter()
@@ -109,6 +119,27 @@ def once_end_to_end(files: list[Path], config, workdir: Path) -> float:
         start = time.perf_counter()
         classify_folder(folder, workdir / "once.json", config, pool)
         return len(files) / (time.perf_counter() - start)
+
+
+def make_photos(folder: Path, faces: list[Path], count: int, size: tuple[int, int] = (4000, 3000)) -> list[Path]:
+    """`count` JPEG photos of `size` (12 megapixels by default), each with one face (train.photos.compose)."""
+    rng = random.Random(0)
+    folder.mkdir()
+    paths = []
+    for i in range(count):
+        photo, _ = compose([Image.open(faces[i % len(faces)])], rng, size)
+        paths.append(folder / f"photo{i:03d}.jpg")
+        photo.save(paths[-1], quality=90)
+    return paths
+
+
+def once_on_photos(files: list[Path], config, workdir: Path, count: int = 60) -> float:
+    """--once images/s over generated 12-megapixel photos with one face each."""
+    photos = make_photos(workdir / "photos", files, count)
+    with DecodePool(config.batch["decode_processes"]) as pool:
+        start = time.perf_counter()
+        classify_folder(photos[0].parent, workdir / "photos.json", config, pool)
+        return len(photos) / (time.perf_counter() - start)
 
 
 # The service under test stops its decode processes after this many idle seconds (the default
@@ -318,24 +349,31 @@ def main(argv: list[str] | None = None) -> int:
     results["bfloat16"] = checkpoint.dtype == torch.bfloat16
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
-        results["decode_ceiling"] = decode_ceiling(files, checkpoint.spec, cores)
+        prep = checkpoint.preprocessing(config.face_rules)
+        results["decode_ceiling"] = decode_ceiling(files, prep, cores)
+        results["decode_ceiling_no_detection"] = decode_ceiling(files, prep, cores, detect=False)
         spread = cycle(files[:: max(1, len(files) // 256)], 256)  # from every folder of the sample
-        faces = to_batch([decode_image(read_image_bytes(p), checkpoint.spec.height, checkpoint.spec.width) for p in spread])
+        faces = to_batch([decode_faces(read_image_bytes(p), prep)[0].chip for p in spread])
         for bs in (1, 32, 256):
             results[f"forward_b{bs}"] = forward_throughput(checkpoint, faces, bs)
         results["one_at_a_time"] = one_at_a_time(files[:500], checkpoint)
         results["once"] = once_end_to_end(files, config, workdir)
         results["once_vs_decode"] = results["once"] / results["decode_ceiling"]
         results["once_vs_one_at_a_time"] = results["once"] / results["one_at_a_time"]
+        results["once_vs_no_detection_ceiling"] = results["once"] / results["decode_ceiling_no_detection"]
+        results["once_12mp_photos"] = once_on_photos(files, config, workdir)
         if not args.no_service:
             results["service"] = bench_service(files, args.checkpoint.resolve(), workdir, args.steady_rate, results["once"])
     rows = [
-        ("decode ceiling (all cores, no model)", f"{results['decode_ceiling']:.0f} img/s"),
+        ("decode + detection ceiling (all cores, no model)", f"{results['decode_ceiling']:.0f} img/s"),
+        ("decode ceiling without detection", f"{results['decode_ceiling_no_detection']:.0f} img/s"),
         *[(f"model as served, batch {bs}", f"{results[f'forward_b{bs}']:.0f} img/s") for bs in (1, 32, 256)],
         ("one image at a time (original way)", f"{results['one_at_a_time']:.0f} img/s"),
         ("--once end to end", f"{results['once']:.0f} img/s"),
         ("--once / decode ceiling", f"{results['once_vs_decode']:.0%}"),
         ("--once / one at a time", f"{results['once_vs_one_at_a_time']:.2f}x"),
+        ("--once / decode ceiling without detection", f"{results['once_vs_no_detection_ceiling']:.0%}"),
+        ("--once on 12-megapixel photos, one face each", f"{results['once_12mp_photos']:.1f} img/s"),
     ]
     if "service" in results:
         s = results["service"]
