@@ -1,4 +1,5 @@
 # make run: set up .venv and run the service on config.yaml.  make test: set up and run the tests.
+# make once DIR=folder: classify a folder once (default: inbox) into results/once_results.json.
 PYTHON ?= $(shell command -v python3.11 || command -v python3.12 || command -v python3.13 || command -v python3)
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -20,7 +21,7 @@ run: $(STAMP) folders
 	$(PY) -m watcher --config config.yaml
 
 once: $(STAMP) folders
-	$(PY) -m watcher --config config.yaml --once inbox --output results/once_results.json
+	$(PY) -m watcher --config config.yaml --once $(or $(DIR),inbox) --output results/once_results.json --details results/once_details.jsonl
 
 test: $(STAMP)
 	$(PY) -m pytest -q

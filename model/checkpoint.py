@@ -20,7 +20,10 @@ import hashlib
 import io
 import json
 import math
+import os
+import stat
 import time
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,6 +37,9 @@ from model.precision import uses_bfloat16
 from model.preprocess import InputSpec, normalize
 
 FORMAT = "gender-watcher/2"
+# Largest checkpoint file, and largest total of compressed entries in it, taken (bytes).
+MAX_BYTES = 256 * 1024 * 1024
+MAX_COMPRESSED_BYTES = 1024 * 1024
 REQUIRED_KEYS = ("format", "version", "arch", "arch_args", "input", "chip", "detector", "class_names", "state_dict", "meta")
 
 
@@ -113,15 +119,52 @@ def load(path: str | Path, precision: str = "auto") -> Checkpoint:
     weights cast to bfloat16 where that is fast. Raise CheckpointError saying what is wrong."""
     path = Path(path)
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise CheckpointError(f"checkpoint {path}: file not found") from None
+        data = _read_archive(path)
+    except CheckpointError as exc:
+        raise CheckpointError(f"checkpoint {path}: {exc}") from None
+    try:
+        payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for damaged or unsafe files
-        raise CheckpointError(f"checkpoint {path}: cannot be read ({_first_line(exc)})") from None
+        raise CheckpointError(f"checkpoint {path}: cannot be read as a checkpoint ({_first_line(exc)})") from None
     try:
         return _checked(payload, precision)
     except CheckpointError as exc:
         raise CheckpointError(f"checkpoint {path}: {exc}") from None
+
+
+def _read_archive(path: Path) -> bytes:
+    """The file's bytes, read as the inbox reads images: without blocking on a FIFO, a regular file
+    only, within MAX_BYTES; and its zip entries checked before torch unpacks any, so that a small
+    file cannot make loading take gigabytes (torch.save stores entries uncompressed)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise CheckpointError("file not found") from None
+    except OSError as exc:
+        raise CheckpointError(f"cannot be opened: {exc.strerror}") from None
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode) or info.st_size > MAX_BYTES:
+        os.close(fd)
+        if info.st_size > MAX_BYTES and stat.S_ISREG(info.st_mode):
+            raise CheckpointError(f"is {info.st_size} bytes, over the limit of {MAX_BYTES} for a checkpoint")
+        kind = "folder" if stat.S_ISDIR(info.st_mode) else "FIFO" if stat.S_ISFIFO(info.st_mode) else "special file"
+        raise CheckpointError(f"is a {kind}, not a regular file")
+    with os.fdopen(fd, "rb") as f:
+        data = f.read(MAX_BYTES + 1)
+    try:
+        entries = zipfile.ZipFile(io.BytesIO(data)).infolist()
+    except zipfile.BadZipFile:
+        raise CheckpointError(
+            "cannot be read: it is not the zip archive torch.save writes (damaged, cut short, or another kind of file)"
+        ) from None
+    unpacked = sum(e.file_size for e in entries)
+    compressed = sum(e.file_size for e in entries if e.compress_type != zipfile.ZIP_STORED)
+    if unpacked > MAX_BYTES or compressed > MAX_COMPRESSED_BYTES:
+        raise CheckpointError(
+            f"its archive would unpack to {unpacked} bytes ({compressed} of them compressed); "
+            f"a checkpoint holds at most {MAX_BYTES}, at most {MAX_COMPRESSED_BYTES} compressed"
+        )
+    return data
 
 
 def _described(spec: object, chip: object, detector: object) -> dict:

@@ -36,6 +36,9 @@ from model.files import Identity, file_identity
 
 # Refuse images with more pixels than this before decoding any of them (decompression bombs).
 MAX_PIXELS = 80_000_000
+# The only formats opened: Pillow would otherwise also run, say, Ghostscript on an EPS file
+# uploaded under a .jpg name. (JPEG includes MPO, the variant of many cameras.)
+FORMATS = ("JPEG", "PNG", "GIF", "BMP", "TIFF", "WEBP")
 # Transparent pixels are composited onto this colour.
 BACKGROUND = (255, 255, 255)
 CRASHED = "the decoder crashed on this file"
@@ -106,7 +109,7 @@ def decode_picture(data: bytes, longest_side: int) -> tuple[np.ndarray, float]:
     if not data:
         raise ImageError("empty file")
     try:
-        with Image.open(io.BytesIO(data)) as img:
+        with Image.open(io.BytesIO(data), formats=FORMATS) as img:
             if img.width * img.height > MAX_PIXELS:
                 raise ImageError(f"{img.width}x{img.height} pixels is over the limit of {MAX_PIXELS}")
             full_width = img.width

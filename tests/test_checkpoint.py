@@ -1,3 +1,4 @@
+import os
 import pickle
 import zipfile
 
@@ -5,7 +6,7 @@ import pytest
 import torch
 
 from model import checkpoint as ckpt
-from model.faces import ChipSpec, DetectorSpec
+from model.faces import ChipSpec, DetectorSpec, FaceRules
 from model.network import ConvReLU, GenderNet
 from model.preprocess import InputSpec
 from tests.conftest import TINY_ARCH, TINY_SPEC, make_tiny_checkpoint
@@ -232,3 +233,45 @@ def test_pickle_that_runs_code_is_never_executed(tmp_path):
     path.write_bytes(pickle.dumps(_Exploit(), protocol=2))
     _refused(path, "cannot be read")
     assert not MARKER.exists()
+
+
+def test_the_chip_geometry_and_detector_are_part_of_the_checkpoint(good):
+    payload = _payload(good)
+    edited = payload | {"chip": payload["chip"] | {"landmarks": [[x, y * 0.9] for x, y in payload["chip"]["landmarks"]]}}
+    torch.save(edited, good)
+    _refused(good, "do not match the hash")  # a chip edited after training
+    _save_rehashed(payload | {"chip": ChipSpec(48, 48).to_dict()}, good)
+    _refused(good, "chip is 48x48 but the model's input is 32x32")
+    _save_rehashed(payload | {"chip": payload["chip"] | {"landmarks": [[0.5, 0.5]] * 4}}, good)
+    _refused(good, "bad chip geometry")
+    _save_rehashed(payload | {"detector": DetectorSpec(sha256="0" * 64).to_dict()}, good)
+    _refused(good, "not the one the checkpoint was trained with")
+    _save_rehashed(payload | {"detector": {"name": "other"} | {"unknown": 1}}, good)
+    _refused(good, "bad detector settings")
+    torch.save(payload | {"format": "gender-watcher/1"}, good)
+    _refused(good, "before face detection")
+
+
+def test_a_checkpoint_loads_with_its_own_preprocessing(good):
+    loaded = ckpt.load(good)
+    assert loaded.chip == ChipSpec(32, 32) and loaded.detector == DetectorSpec()
+    assert loaded.preprocessing(FaceRules(max_faces=3)).rules.max_faces == 3
+
+
+def test_a_fifo_or_a_folder_at_the_checkpoint_path_is_refused_without_blocking(tmp_path):
+    fifo = tmp_path / "model.pt"
+    os.mkfifo(fifo)
+    _refused(fifo, "is a FIFO, not a regular file")  # returns at once: nobody ever writes to it
+    _refused(tmp_path, "is a folder")
+
+
+def test_a_checkpoint_that_would_unpack_to_gigabytes_is_refused_before_unpacking(good, tmp_path):
+    """The shipped layout re-zipped with deflate plus a large zero tensor: a small file that
+    torch.load would inflate in memory."""
+    bomb = tmp_path / "bomb.pt"
+    with zipfile.ZipFile(good) as original, zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as z:
+        for entry in original.infolist():
+            z.writestr(entry.filename, original.read(entry))
+        z.writestr(f"{original.namelist()[0].split('/')[0]}/data/999", bytes(300 * 1024 * 1024))
+    assert bomb.stat().st_size < 2 * 1024 * 1024
+    _refused(bomb, "would unpack to")

@@ -3,12 +3,15 @@
 import fcntl
 import json
 import os
+import random
 import time
 
 import pytest
 import yaml
+from PIL import Image
 
-from tests.conftest import image_bytes, run_cli, write_config
+from tests.conftest import SHARED_DATA, image_bytes, needs_shared_data, run_cli, write_config
+from train.photos import background, compose
 from watcher import config as configuration
 from watcher.once import _settled
 from watcher.service import LOCK_NAME, ServiceError, instance_lock
@@ -19,9 +22,34 @@ def snapshot(folder):
 
 
 def config_for(tmp_path, checkpoint, **settings):
+    """A config for the generated (faceless) test images: every picture answered whole unless `faces` is given."""
     path = tmp_path / "c.yaml"
-    path.write_text(yaml.safe_dump({"checkpoint": str(checkpoint), "logging": {"format": "json"}, **settings}))
+    given = {"checkpoint": str(checkpoint), "logging": {"format": "json"}, "faces": {"no_face": "answer"}, **settings}
+    path.write_text(yaml.safe_dump(given))
     return path
+
+
+@needs_shared_data
+def test_details_list_every_face_and_a_picture_without_one_fails(tmp_path, tiny_checkpoint):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    faces = [Image.open(p) for p in sorted((SHARED_DATA / "other" / "lfw" / "female").glob("*.jpg"))[:2]]
+    two, _ = compose(faces, random.Random(0))
+    two.save(photos / "two.jpg", quality=92)
+    background((1600, 1200), random.Random(1)).save(photos / "nobody.jpg", quality=92)
+    out, details = tmp_path / "res.json", tmp_path / "details.jsonl"
+    config = config_for(tmp_path, tiny_checkpoint, faces={"no_face": "fail"})
+    proc = run_cli("--once", str(photos), "--output", str(out), "--details", str(details), "--config", str(config))
+    assert proc.returncode == 1, proc.stderr
+    lines = {line["file"]: line for line in map(json.loads, details.read_text().splitlines())}
+    assert lines["nobody.jpg"]["error"] == "no face found" and "faces" not in lines["nobody.jpg"]
+    found = lines["two.jpg"]["faces"]
+    assert len(found) == 2 and all(set(f) == {"box", "score", "how", "label", "probability"} for f in found)
+    assert lines["two.jpg"]["label"] == found[0]["label"] and lines["two.jpg"]["checkpoint"]
+    assert found[0]["box"][2] * found[0]["box"][3] >= found[1]["box"][2] * found[1]["box"][3]  # the main face first
+    assert json.loads(out.read_text()) == {"two.jpg": found[0]["label"]}
+    failures = [r for r in map(json.loads, proc.stderr.splitlines()) if r.get("event") == "failed"]
+    assert [(f["file"], f["reason"]) for f in failures] == [("nobody.jpg", "no face found")]
 
 
 def test_all_classified_exit_0(tmp_path, tiny_checkpoint):

@@ -134,3 +134,12 @@ def test_normalize_is_the_per_channel_formula_in_channels_last_memory():
     out = normalize(batch, spec)
     assert torch.allclose(out, (batch / 255.0 - mean) / std, atol=1e-5)
     assert out.dtype == torch.float32 and out.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_only_the_supported_formats_are_opened():
+    """An EPS file under a .jpg name is refused before Pillow could hand it to Ghostscript."""
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nnewpath 0 0 moveto 10 10 lineto stroke\nshowpage\n"
+    with pytest.raises(ImageError, match="unrecognized"):
+        decode_picture(eps, H)
+    for fmt in ("JPEG", "PNG", "GIF", "BMP", "TIFF", "WEBP"):
+        check(image_bytes(fmt=fmt))

@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.output is not None or args.details is not None:
                 print(
                     "error: --once --move keeps the configured rolling results and journal; "
-                    "--output and --details are for --once alone",
+                    "--output is for --once alone, and so is --details",
                     file=sys.stderr,
                 )
                 return 2

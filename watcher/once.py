@@ -58,7 +58,13 @@ def classify_folder(folder: Path, output: Path, config: Config, pool: DecodePool
     # `--once .` writes its results into the folder itself: that file is not one to classify
     own_output = output.name if output.absolute().parent.resolve() == folder.resolve() else None
     files = [f for f in candidate_files(folder) if f.name != own_output]
-    logger.info("once_start", folder=str(folder), files=len(files), checkpoint=checkpoint.version)
+    with os.scandir(folder) as entries:
+        subfolders = sum(e.is_dir(follow_symlinks=False) and not e.name.startswith(".") for e in entries)
+    logger.info("once_start", folder=str(folder), files=len(files), subfolders_skipped=subfolders, checkpoint=checkpoint.version)
+    if subfolders and not files:
+        logger.warning(
+            "only_subfolders", folder=str(folder), hint="--once classifies the files of DIR itself, not of its sub-folders"
+        )
     results: dict[str, str] = {}
     failures = 0
     progress = Progress(len(files), "classifying")

@@ -1,0 +1,162 @@
+"""Finding and aligning faces in whole pictures: small faces in big photos, several faces, turned
+heads, pictures without a face, face-sized crops, and the one code path that training, evaluation
+and serving share."""
+
+import io
+import random
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from model.decode import ImageError, decode_faces, decode_files
+from model.faces import NO_FACE, ChipSpec, DetectorSpec, FaceRules, Preprocessing, cut_chip, find_faces
+from model.preprocess import to_batch
+from tests.conftest import SHARED_DATA, needs_shared_data
+from train.data import TRAINING_RULES, load_dataset
+from train.photos import background, compose
+
+SERVING = Preprocessing(ChipSpec(64, 64), DetectorSpec(), FaceRules())
+
+
+def jpeg(img: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    img.save(buffer, "JPEG", quality=92)
+    return buffer.getvalue()
+
+
+def shared_faces(count: int, folder: str = "lfw", seed: int = 0) -> list[Image.Image]:
+    paths = sorted((SHARED_DATA / "other" / folder).rglob("*.jpg"))
+    return [Image.open(p).convert("RGB") for p in random.Random(seed).sample(paths, count)]
+
+
+def centre_inside(face, box) -> bool:
+    x, y = face.box[0] + face.box[2] / 2, face.box[1] + face.box[3] / 2
+    return box[0] <= x <= box[0] + box[2] and box[1] <= y <= box[1] + box[3]
+
+
+def similarity(a: np.ndarray, b: np.ndarray) -> float:
+    """Correlation of the middle of two chips (the face, whatever surrounds it): near 1 for the same
+    face aligned alike."""
+    a, b = (c[20:52, 16:48].astype(np.float64).ravel() for c in (a, b))
+    return float(np.corrcoef(a, b)[0, 1])
+
+
+@needs_shared_data
+@pytest.mark.parametrize("count", [1, 2, 3])
+def test_every_face_of_a_big_photo_is_found_where_it_was_pasted(count):
+    rng = random.Random(count)
+    for trial in range(4):
+        img, boxes = compose(shared_faces(count, seed=10 * count + trial), rng)
+        faces = decode_faces(jpeg(img), SERVING)
+        assert len(faces) == count, (trial, [f.box for f in faces], boxes)
+        for box in boxes:
+            assert sum(centre_inside(f, box) for f in faces) == 1
+        assert [f.box[2] * f.box[3] for f in faces] == sorted((f.box[2] * f.box[3] for f in faces), reverse=True)
+        assert all(f.how == "detected" and f.score >= SERVING.detector.score_threshold for f in faces)
+
+
+@needs_shared_data
+def test_a_small_face_in_a_big_photo_gives_the_chip_of_the_crop():
+    (crop,) = shared_faces(1, "portraits", seed=3)
+    as_crop = decode_faces(jpeg(crop), SERVING)[0].chip
+    img, _ = compose([crop], random.Random(0), (3000, 2000))
+    (in_photo,) = decode_faces(jpeg(img), SERVING)
+    assert similarity(as_crop, in_photo.chip) > 0.85
+
+
+@needs_shared_data
+@pytest.mark.parametrize("angle", [-25, 25])
+def test_a_turned_head_is_found(angle):
+    """Turned by 25 degrees within the picture, each face is still found (how it is aligned is
+    test_the_chip_puts_the_landmarks_on_the_template)."""
+    for crop in shared_faces(4, "portraits", seed=5):
+        turned = crop.rotate(angle, resample=Image.Resampling.BICUBIC, expand=True, fillcolor=(128, 128, 128))
+        (face, *_) = decode_faces(jpeg(turned), SERVING)
+        assert face.how == "detected"
+
+
+def test_a_picture_without_a_face_fails_with_the_reason():
+    rng = random.Random(0)
+    pictures = [background((1600, 1200), rng) for _ in range(3)]
+    pictures += [Image.new("RGB", (200, 160), (128, 128, 128))]  # a plain canvas, face-sized
+    noise = np.random.default_rng(0).integers(0, 256, (120, 100, 3), dtype=np.uint8)
+    pictures += [Image.fromarray(noise)]  # random noise, face-sized
+    for img in pictures:
+        with pytest.raises(ImageError, match=NO_FACE):
+            decode_faces(jpeg(img), SERVING)
+
+
+def test_answer_anyway_classifies_the_whole_picture():
+    answer = Preprocessing(SERVING.chip, SERVING.detector, FaceRules(no_face="answer"))
+    (face,) = decode_faces(jpeg(background((1600, 1200), random.Random(1))), answer)
+    assert face.how == "whole_image" and face.box == (0.0, 0.0, 1600.0, 1200.0) and face.chip.shape == (64, 64, 3)
+
+
+@needs_shared_data
+def test_a_face_sized_crop_is_answered_even_where_the_detector_is_unsure():
+    """The tightest crops of the development sets, cut tighter still: each is still a face."""
+    answered = {"detected": 0, "weak_detection": 0, "whole_image": 0}
+    for img in shared_faces(40, "imfdb", seed=1):
+        w, h = img.size
+        tight = img.crop((w // 6, h // 6, w - w // 6, h - h // 6))
+        (face,) = decode_faces(jpeg(tight), SERVING)
+        answered[face.how] += 1
+    assert sum(answered.values()) == 40 and answered["detected"] > 20
+
+
+@needs_shared_data
+def test_face_rules_smallest_face_and_most_faces():
+    img, _ = compose(shared_faces(3, seed=7), random.Random(7))
+    all_faces = decode_faces(jpeg(img), SERVING)
+    assert len(all_faces) == 3
+    two = Preprocessing(SERVING.chip, SERVING.detector, FaceRules(max_faces=2))
+    assert [f.box for f in decode_faces(jpeg(img), two)] == [f.box for f in all_faces[:2]]
+    smallest = min(min(f.box[2], f.box[3]) for f in all_faces)
+    large_only = Preprocessing(SERVING.chip, SERVING.detector, FaceRules(min_face_pixels=int(smallest) + 1))
+    assert len(decode_faces(jpeg(img), large_only)) == 2
+
+
+def test_boxes_are_in_the_pictures_own_pixels_when_decoded_at_reduced_scale():
+    """find_faces on a picture decoded at half scale reports boxes twice as large."""
+    rgb = np.asarray(background((800, 600), random.Random(2)))
+    rules = FaceRules(no_face="answer")
+    (at_full,) = find_faces(rgb, 1.0, SERVING.chip, SERVING.detector, rules)
+    (at_half,) = find_faces(rgb, 0.5, SERVING.chip, SERVING.detector, rules)
+    assert at_half.box == tuple(2 * v for v in at_full.box)
+
+
+def test_the_chip_puts_the_landmarks_on_the_template():
+    """A picture with a bright dot on each of five landmark positions: cut_chip maps them onto
+    the chip's template, turned and scaled as they were."""
+    chip = ChipSpec(64, 64)
+    rgb = np.zeros((400, 400, 3), np.uint8)
+    angle = np.radians(20)
+    rotation = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+    points = (np.array(chip.landmarks) - 0.5) * 150 @ rotation.T + 200
+    for x, y in points:
+        rgb[round(y) - 2 : round(y) + 3, round(x) - 2 : round(x) + 3] = 255
+    out = cut_chip(rgb, points, chip)[:, :, 0].astype(float)
+    for fx, fy in chip.landmarks:
+        x, y = fx * 64, fy * 64
+        window = out[int(y) - 3 : int(y) + 4, int(x) - 3 : int(x) + 4]
+        assert window.max() > 60, (fx, fy)
+
+
+@needs_shared_data
+def test_training_evaluation_and_serving_cut_the_same_chips(tmp_path):
+    """One code path: the chips train.data caches are those the service's decode workers make."""
+    folder = tmp_path / "faces"
+    for label in ("female", "male"):
+        (folder / label).mkdir(parents=True)
+    img, _ = compose(shared_faces(2, seed=9), random.Random(9))
+    img.save(folder / "female" / "two.jpg", quality=92)
+    for i, face in enumerate(shared_faces(3, "utkface", seed=11)):
+        face.save(folder / "male" / f"{i}.jpg", quality=92)
+    items = [(p, 0) for p in sorted((folder / "female").iterdir())] + [(p, 1) for p in sorted((folder / "male").iterdir())]
+    training = Preprocessing(SERVING.chip, SERVING.detector, TRAINING_RULES)
+    cached, _ = load_dataset(items, training)
+    served = decode_files([p for p, _ in items], SERVING)
+    assert torch.equal(cached.images, to_batch([d.faces[0].chip for d in served]))
+    assert len(served[0].faces) == 2  # serving answers both; training takes the main face
