@@ -39,19 +39,26 @@ CLASS_NAMES = ["female", "male"]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m train", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog="python -m train",
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog="example (the shipped checkpoint's command is in model/gender-watcher-report/summary.md):\n"
+        "  python -m train --data ../shared/data/faces --out model/gender-watcher.pt --dev ../shared/data/other/lfw\n"
+        "exit status: 0 written; 2 usage error; 1 or a message for data that cannot be trained on",
+    )
     p.add_argument("--data", required=True, type=Path, help="folder with female/ and male/")
     p.add_argument("--out", required=True, type=Path, help="checkpoint file to write")
     p.add_argument(
         "--dev", type=Path, action="append", default=[], help="labeled folder to evaluate on after training (repeatable)"
     )
-    p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--epochs", type=int, default=30, help="passes over the training split")
+    p.add_argument("--batch-size", type=int, default=128, help="images per optimizer step")
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate of the one-cycle schedule")
-    p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay")
     p.add_argument("--size", type=int, nargs=2, default=(64, 64), metavar=("H", "W"), help="model input size")
-    p.add_argument("--widths", type=int, nargs="+", default=[32, 64, 128, 256])
-    p.add_argument("--stem-width", type=int, default=32)
+    p.add_argument("--widths", type=int, nargs="+", default=[32, 64, 128, 256], help="channels of each network stage")
+    p.add_argument("--stem-width", type=int, default=32, help="channels of the first convolution")
     p.add_argument("--augment", type=float, default=1.0, help="augmentation strength: 0 only mirror flips, 1 default")
     p.add_argument(
         "--init",
@@ -59,11 +66,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="CHECKPOINT",
         help="start from this checkpoint's weights (same architecture) instead of random ones: a shorter run then suffices",
     )
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--val-fraction", type=float, default=0.05)
-    p.add_argument("--test-fraction", type=float, default=0.10)
+    p.add_argument("--seed", type=int, default=0, help="seed of the split, the sampling and the augmentation")
+    p.add_argument("--val-fraction", type=float, default=0.05, help="share held out to choose the epoch and threshold")
+    p.add_argument("--test-fraction", type=float, default=0.10, help="share held out for the test figures")
     p.add_argument("--limit", type=int, default=0, help="use at most this many images per class (0: all); for smoke runs")
-    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads")
     p.add_argument("--precision", choices=PRECISIONS, default="auto", help="forward-pass precision (auto: bfloat16 where fast)")
     p.add_argument("--device", default="cpu", help="torch device for training, e.g. cuda (the checkpoint is saved for the CPU)")
     args = p.parse_args(argv)

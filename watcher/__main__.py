@@ -19,9 +19,27 @@ from pathlib import Path
 from watcher import config as configuration
 from watcher import log
 
+HELP_EPILOG = """examples:
+  gender-watcher --config config.yaml                 run the inbox service
+  gender-watcher --once photos/ --details faces.jsonl  classify a folder once
+  gender-watcher --config config.yaml --once inbox --move   one pass of the service (cron)
+
+exit status:
+  0  success (--once: every file answered)
+  1  --once: some files failed (each reported on stderr with its reason, "no face found" included)
+  2  usage, config or checkpoint error
+  3  stopped by an unexpected error (a full disk, a failed write or rename), logged as "fatal"
+
+Every config key is documented in config.yaml."""
+
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m watcher", description="Tell female from male faces in image files.")
+    p = argparse.ArgumentParser(
+        prog="gender-watcher",
+        description="Find every face in image files and tell female from male (also run as python -m watcher).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=HELP_EPILOG,
+    )
     p.add_argument("--config", type=Path, help="YAML config (default: built-in defaults, paths relative to the current folder)")
     p.add_argument("--once", type=Path, metavar="DIR", help="classify every image file in DIR once and exit")
     p.add_argument(
