@@ -27,7 +27,7 @@ def test_shipped_checkpoint_is_small_and_described(shipped):
     assert summary["version"] == shipped.version, "the committed report belongs to the committed checkpoint"
     assert shipped.meta["command"] == summary["command"]
     assert summary["command"].startswith("python -m train --data ../shared/data/faces")
-    assert summary["test"]["unprefixed"]["accuracy"] >= 0.985  # issue 2's goal on the CelebA part of the test split
+    assert summary["test"]["unprefixed"]["accuracy"] >= 0.985  # the CelebA part of the test split
 
 
 @needs_shared_data
