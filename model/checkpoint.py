@@ -20,8 +20,6 @@ import hashlib
 import io
 import json
 import math
-import os
-import stat
 import time
 import zipfile
 from dataclasses import dataclass, field
@@ -31,7 +29,7 @@ import torch
 from torch import nn
 
 from model.faces import ChipSpec, DetectorMissing, DetectorSpec, FaceRules, Preprocessing, check_detector
-from model.files import write_atomic
+from model.files import FileRefused, read_regular_file, write_atomic
 from model.network import ARCHITECTURES, fuse_for_inference
 from model.precision import uses_bfloat16
 from model.preprocess import InputSpec, normalize
@@ -133,24 +131,14 @@ def load(path: str | Path, precision: str = "auto") -> Checkpoint:
 
 
 def _read_archive(path: Path) -> bytes:
-    """The file's bytes, read as the inbox reads images: without blocking on a FIFO, a regular file
-    only, within MAX_BYTES; and its zip entries checked before torch unpacks any, so that a small
-    file cannot make loading take gigabytes (torch.save stores entries uncompressed)."""
+    """The file's bytes, read as the inbox reads images (model.files.read_regular_file: without
+    blocking on a FIFO, a regular file only, within MAX_BYTES); and its zip entries checked before
+    torch unpacks any, so that a small file cannot make loading take gigabytes (torch.save stores
+    entries uncompressed)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except FileNotFoundError:
-        raise CheckpointError("file not found") from None
-    except OSError as exc:
-        raise CheckpointError(f"cannot be opened: {exc.strerror}") from None
-    info = os.fstat(fd)
-    if not stat.S_ISREG(info.st_mode) or info.st_size > MAX_BYTES:
-        os.close(fd)
-        if info.st_size > MAX_BYTES and stat.S_ISREG(info.st_mode):
-            raise CheckpointError(f"is {info.st_size} bytes, over the limit of {MAX_BYTES} for a checkpoint")
-        kind = "folder" if stat.S_ISDIR(info.st_mode) else "FIFO" if stat.S_ISFIFO(info.st_mode) else "special file"
-        raise CheckpointError(f"is a {kind}, not a regular file")
-    with os.fdopen(fd, "rb") as f:
-        data = f.read(MAX_BYTES + 1)
+        data = read_regular_file(path, MAX_BYTES, follow_symlinks=True)  # a symlinked checkpoint is the owner's choice
+    except FileRefused as exc:
+        raise CheckpointError("file not found" if exc.missing else str(exc)) from None
     try:
         entries = zipfile.ZipFile(io.BytesIO(data)).infolist()
     except zipfile.BadZipFile:

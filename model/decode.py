@@ -18,7 +18,6 @@ import math
 import multiprocessing
 import os
 import signal
-import stat
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -32,7 +31,7 @@ from PIL import Image, ImageOps
 
 from model import DEFAULT_MAX_BYTES
 from model.faces import NO_FACE, Face, Preprocessing, find_faces
-from model.files import Identity, file_identity
+from model.files import FileRefused, Identity, file_identity, read_regular_file
 
 # Refuse images with more pixels than this before decoding any of them (decompression bombs).
 MAX_PIXELS = 80_000_000
@@ -49,41 +48,11 @@ class ImageError(ValueError):
 
 
 def read_image_bytes(path: str | Path, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
-    """Read a regular file, refusing symlinks, FIFOs, sockets, devices, folders and oversized files.
-
-    O_NOFOLLOW refuses a symlink at the last component; O_NONBLOCK keeps a FIFO from blocking
-    the open, and fstat then refuses it. Raises ImageError.
-    """
+    """Read an image file as model.files.read_regular_file does, never through a symlink. Raises ImageError."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError as exc:
-        try:
-            mode = os.lstat(path).st_mode
-        except OSError:
-            mode = 0
-        if stat.S_ISLNK(mode):
-            raise ImageError("is a symbolic link") from None
-        if stat.S_ISSOCK(mode):
-            raise ImageError("is a socket, not a regular file") from None
-        raise ImageError(f"cannot open: {exc.strerror}") from None
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            kind = "folder" if stat.S_ISDIR(info.st_mode) else "FIFO" if stat.S_ISFIFO(info.st_mode) else "special file"
-            raise ImageError(f"is a {kind}, not a regular file")
-        if info.st_size > max_bytes:
-            raise ImageError(f"{info.st_size} bytes is over the limit of {max_bytes}")
-        chunks, total = [], 0
-        while chunk := os.read(fd, 1 << 20):
-            total += len(chunk)
-            if total > max_bytes:
-                raise ImageError(f"over the limit of {max_bytes} bytes")
-            chunks.append(chunk)
-        return b"".join(chunks)
-    except OSError as exc:
-        raise ImageError(f"cannot read: {exc.strerror}") from None
-    finally:
-        os.close(fd)
+        return read_regular_file(path, max_bytes, follow_symlinks=False)
+    except FileRefused as exc:
+        raise ImageError(str(exc)) from None
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:

@@ -225,15 +225,17 @@ def find_faces(rgb: np.ndarray, scale: float, chip: ChipSpec, spec: DetectorSpec
     height, width = rgb.shape[:2]
     found = detect(rgb, spec)
     face_sized = max(height, width) / scale <= FACE_SIZED
-    faces: list[Face] = []
-    for row in found[found[:, 14] >= spec.score_threshold]:
-        box = tuple(float(v) / scale for v in row[:4])
-        if min(box[2], box[3]) >= rules.min_face_pixels:
-            faces.append(Face(box, round(float(row[14]), 4), "detected", cut_chip(rgb, row[4:14].reshape(5, 2), chip)))
+
+    def box_of(row: np.ndarray) -> tuple[float, ...]:
+        return tuple(float(v) / scale for v in row[:4])
+
+    def detected(row: np.ndarray, how: str) -> Face:
+        return Face(box_of(row), round(float(row[14]), 4), how, cut_chip(rgb, row[4:14].reshape(5, 2), chip))
+
+    strong = found[found[:, 14] >= spec.score_threshold]
+    faces = [detected(row, "detected") for row in strong if min(box_of(row)[2:]) >= rules.min_face_pixels]
     if not faces and face_sized and len(found):
-        row = found[0]
-        box = tuple(float(v) / scale for v in row[:4])
-        faces.append(Face(box, round(float(row[14]), 4), "weak_detection", cut_chip(rgb, row[4:14].reshape(5, 2), chip)))
+        faces.append(detected(found[0], "weak_detection"))
     if not faces and (rules.no_face == "answer" or (face_sized and _looks_like_a_picture(rgb))):
         points = np.array(BOX_LANDMARKS) * (width, height)
         faces.append(Face((0.0, 0.0, width / scale, height / scale), 0.0, "whole_image", cut_chip(rgb, points, chip)))

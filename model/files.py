@@ -1,9 +1,11 @@
 """Durable file writes (checkpoints, results): atomic replace of a whole file, fsync of folders;
-and telling whether a path still holds the file that was read."""
+reading a file that someone else may have put there (images, checkpoints); and telling whether a
+path still holds the file that was read."""
 
 from __future__ import annotations
 
 import os
+import stat
 import tempfile
 from pathlib import Path
 
@@ -18,6 +20,54 @@ def file_identity(path: str | Path) -> Identity | None:
     except OSError:
         return None
     return (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
+
+
+class FileRefused(ValueError):
+    """A file that read_regular_file will not read; the message says why."""
+
+    def __init__(self, message: str, missing: bool = False) -> None:
+        super().__init__(message)
+        self.missing = missing  # nothing at the path
+
+
+def read_regular_file(path: str | Path, max_bytes: int, follow_symlinks: bool) -> bytes:
+    """Read a regular file, refusing FIFOs, sockets, devices, folders, files over `max_bytes`
+    and, unless `follow_symlinks`, symlinks.
+
+    O_NOFOLLOW refuses a symlink at the last component; O_NONBLOCK keeps a FIFO from blocking
+    the open, and fstat then refuses it. Raises FileRefused.
+    """
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | (0 if follow_symlinks else os.O_NOFOLLOW)
+    try:
+        fd = os.open(path, flags)
+    except OSError as exc:
+        try:
+            mode = os.lstat(path).st_mode
+        except OSError:
+            mode = 0
+        if stat.S_ISLNK(mode) and not follow_symlinks:
+            raise FileRefused("is a symbolic link") from None
+        if stat.S_ISSOCK(mode):
+            raise FileRefused("is a socket, not a regular file") from None
+        raise FileRefused(f"cannot open: {exc.strerror}", missing=isinstance(exc, FileNotFoundError)) from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            kind = "folder" if stat.S_ISDIR(info.st_mode) else "FIFO" if stat.S_ISFIFO(info.st_mode) else "special file"
+            raise FileRefused(f"is a {kind}, not a regular file")
+        if info.st_size > max_bytes:
+            raise FileRefused(f"{info.st_size} bytes is over the limit of {max_bytes}")
+        chunks, total = [], 0
+        while chunk := os.read(fd, 1 << 20):
+            total += len(chunk)
+            if total > max_bytes:
+                raise FileRefused(f"over the limit of {max_bytes} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
+    except OSError as exc:
+        raise FileRefused(f"cannot read: {exc.strerror}") from None
+    finally:
+        os.close(fd)
 
 
 def fsync_dir(folder: Path) -> None:

@@ -61,6 +61,14 @@ class Outcome:
         """The answer for the file as a whole: its main (largest) face's."""
         return self.faces[0].prediction if self.faces else None
 
+    def answer(self) -> dict:
+        """The answer as the journal and --details record it: the main face's label and probability,
+        and every face; {} for a file without one."""
+        if self.prediction is None:
+            return {}
+        faces = [face.to_dict() for face in self.faces]
+        return {"label": self.prediction.label, "probability": self.prediction.probability, "faces": faces}
+
 
 def model_input(checkpoint: Checkpoint, batch: torch.Tensor) -> torch.Tensor:
     """uint8 (N, 3, H, W) -> what the checkpoint's model takes: normalized, channels-last, in the

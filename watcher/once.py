@@ -33,19 +33,21 @@ LOOKAHEAD = 4
 
 def candidate_files(folder: Path) -> list[Path]:
     """Entries of `folder` that are meant as images: everything but hidden names and sub-folders."""
+    return list_folder(folder)[0]
+
+
+def list_folder(folder: Path) -> tuple[list[Path], int]:
+    """candidate_files, and how many (not hidden) sub-folders the listing passed over."""
     with os.scandir(folder) as entries:  # the entries' types come with the listing: no stat per file
-        names = sorted(e.name for e in entries if not e.name.startswith(".") and not e.is_dir(follow_symlinks=False))
-    return [folder / name for name in names]
+        shown = [e for e in entries if not e.name.startswith(".")]
+    names = sorted(e.name for e in shown if not e.is_dir(follow_symlinks=False))
+    return [folder / name for name in names], len(shown) - len(names)
 
 
 def details_line(outcome: Outcome, version: str) -> str:
     """--details: one JSON line for a file, with every face or the reason there is none."""
     line = {"file": outcome.path.name, "checkpoint": version, "sha256": outcome.sha256}
-    if outcome.prediction:
-        line |= {"label": outcome.prediction.label, "probability": outcome.prediction.probability}
-        line["faces"] = [face.to_dict() for face in outcome.faces]
-    else:
-        line["error"] = outcome.error
+    line |= outcome.answer() or {"error": outcome.error}
     return json.dumps(line, ensure_ascii=False) + "\n"
 
 
@@ -57,9 +59,8 @@ def classify_folder(folder: Path, output: Path, config: Config, pool: DecodePool
     torch.set_num_threads(config.batch["torch_threads"])
     # `--once .` writes its results into the folder itself: that file is not one to classify
     own_output = output.name if output.absolute().parent.resolve() == folder.resolve() else None
-    files = [f for f in candidate_files(folder) if f.name != own_output]
-    with os.scandir(folder) as entries:
-        subfolders = sum(e.is_dir(follow_symlinks=False) and not e.name.startswith(".") for e in entries)
+    listed, subfolders = list_folder(folder)
+    files = [f for f in listed if f.name != own_output]
     logger.info("once_start", folder=str(folder), files=len(files), subfolders_skipped=subfolders, checkpoint=checkpoint.version)
     if subfolders and not files:
         logger.warning(

@@ -67,11 +67,7 @@ def commit(pending: PendingDecode, checkpoint: Checkpoint, pool: DecodePool, sto
             "checkpoint": checkpoint.version,
         }
         if outcome.prediction:
-            record |= {
-                "label": outcome.prediction.label,
-                "probability": outcome.prediction.probability,
-                "faces": [face.to_dict() for face in outcome.faces],
-            }
+            record |= outcome.answer()
             getattr(logger, config.logging["answers"])(
                 "answered",
                 file=outcome.path.name,
