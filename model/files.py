@@ -9,17 +9,28 @@ import stat
 import tempfile
 from pathlib import Path
 
-# (device, inode, size, mtime in ns) of a folder entry, not followed if a symlink.
-Identity = tuple[int, int, int, int]
+# (device, inode, size, mtime and ctime in ns) of a folder entry, not followed if a symlink.
+Identity = tuple[int, int, int, int, int]
+
+
+def readable_name(name: str) -> str:
+    """A file name as valid Unicode, for JSON that strict parsers accept: bytes of a name that are
+    not UTF-8 (which Python keeps as lone surrogates) become the text \\xNN."""
+    try:
+        return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # lone surrogates that are not escaped bytes
+        return name.encode("utf-8", "backslashreplace").decode()
 
 
 def file_identity(path: str | Path) -> Identity | None:
-    """What changes when a file is replaced or rewritten under the same name; None if it is gone."""
+    """What changes when a file is replaced or rewritten under the same name; None if it is gone.
+    The ctime is set by the kernel when an inode is made or changed and cannot be set back, so a
+    copy of the same bytes put there again (cp -p, rsync -t, even on a reused inode) differs."""
     try:
         info = os.lstat(path)
     except OSError:
         return None
-    return (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
+    return (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
 
 
 class FileRefused(ValueError):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import subprocess
 import sys
@@ -66,6 +67,13 @@ def image_bytes(
     return buf.getvalue()
 
 
+def strictly_valid(data: bytes) -> object:
+    """JSON as a strict parser (Perl's JSON::PP) reads it: UTF-8, and no escaped lone surrogates."""
+    value = json.loads(data.decode("utf-8"))
+    json.dumps(value, ensure_ascii=False).encode("utf-8")  # raises on a lone surrogate
+    return value
+
+
 def write_config(folder: Path, checkpoint: Path, **sections: dict) -> Path:
     """A service config in `folder` with inbox/, done/, failed/, results/ created there; faces
     are answered as ANSWER_EVERY_PICTURE unless a `faces` section is given."""
@@ -84,3 +92,21 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 120) -> subpro
     return subprocess.run(
         [sys.executable, "-m", "watcher", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
     )
+
+
+def slow_jpeg(scans: int, side: int = 4000) -> bytes:
+    """A small progressive JPEG that takes long to decode: one of its AC scans repeated `scans`
+    times (each repeat is re-applied to every block; about 0.6 ms per repeat at 4000 px here)."""
+    buf = io.BytesIO()
+    Image.new("RGB", (side, side), (120, 90, 60)).save(buf, "JPEG", progressive=True)
+    data = buf.getvalue()
+    segments, i = [], 2
+    while data[i + 1] != 0xD9:  # up to the end-of-image marker
+        end = i + 2 + int.from_bytes(data[i + 2 : i + 4], "big")
+        if data[i + 1] == 0xDA:  # start of scan: entropy-coded data runs to the next marker
+            while not (data[end] == 0xFF and data[end + 1] != 0 and not 0xD0 <= data[end + 1] <= 0xD7):
+                end += 1
+        segments.append(data[i:end])
+        i = end
+    scan = min((s for s in segments[1:] if s[1] == 0xDA), key=len)  # a small scan, not the first (DC) one
+    return b"\xff\xd8" + b"".join(segments) + scan * scans + b"\xff\xd9"

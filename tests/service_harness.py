@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from tests.conftest import ROOT, write_config
+from watcher.results import exact_names
 
 
 class ServiceProcess:
@@ -28,11 +29,13 @@ class ServiceProcess:
         self.env = dict(os.environ, PYTHONPATH=str(ROOT), NOTIFY_SOCKET=str(self.notify_path), **(env or {}))
         self.logs: list[dict] = []
         self.messages: list[str] = []
+        self.message_times: list[float] = []  # time.monotonic() when each of `messages` arrived
         self.proc: subprocess.Popen | None = None
 
     def start(self, wait_ready: bool = True) -> ServiceProcess:
         self.logs.clear()
         self.messages.clear()
+        self.message_times.clear()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "watcher", "--config", str(self.config)],
             env=self.env,
@@ -59,7 +62,9 @@ class ServiceProcess:
 
     def _drain_once(self) -> bool:
         try:
-            self.messages.append(self.notify_sock.recv(4096).decode())
+            message = self.notify_sock.recv(4096).decode()
+            self.message_times.append(time.monotonic())
+            self.messages.append(message)
             return True
         except (TimeoutError, OSError):
             return False
@@ -82,7 +87,7 @@ class ServiceProcess:
         for path in sorted(self.journal.parent.glob("journal*.jsonl")):
             text = path.read_text()
             complete = text[: text.rfind("\n") + 1]  # a line being appended right now is not committed yet
-            records += [json.loads(line) for line in complete.splitlines() if line.strip()]
+            records += [exact_names(json.loads(line)) for line in complete.splitlines() if line.strip()]
         return records
 
     def wait_handled(self, count: int, timeout: float = 60) -> None:

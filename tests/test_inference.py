@@ -1,15 +1,16 @@
 """Batched classification on the decode worker pool, and the pool surviving a decoder crash."""
 
+import time
+
 import pytest
 import torch
 from torch import nn
 
 from model import checkpoint as ckpt
-from model import decode
-from model.decode import CRASHED, DecodePool
+from model.decode import CRASHED, DecodeCancelled, DecodePool
 from model.inference import classify_batch, finish_batch, mirror_averaged_logits, model_input, predict, start_batch
 from tests.conftest import ANSWER_EVERY_PICTURE, image_bytes, make_tiny_checkpoint
-from tests.crashing_decode import decode_or_die
+from tests.crashing_decode import decode_or_die, decode_or_hang
 
 
 @pytest.fixture(scope="module")
@@ -33,13 +34,12 @@ def test_batch_keeps_order_and_reports_unreadable_files(tmp_path, tiny_checkpoin
     assert [o.prediction.label if o.prediction else None for o in outcomes] == [p.label if p else None for p in one_by_one]
 
 
-def test_a_file_that_kills_its_decoder_fails_alone(tmp_path, tiny_checkpoint, monkeypatch):
-    monkeypatch.setattr(decode, "decode_files", decode_or_die)
+def test_a_file_that_kills_its_decoder_fails_alone(tmp_path, tiny_checkpoint):
     checkpoint = ckpt.load(tiny_checkpoint)
     names = ["a.jpg", "b.jpg", "crash.jpg", "c.jpg", "d.jpg", "e.jpg"]
     for name in names:
         (tmp_path / name).write_bytes(image_bytes())
-    with DecodePool(2) as pool:
+    with DecodePool(2, decode=decode_or_die) as pool:
         outcomes = classify_batch([tmp_path / n for n in names], checkpoint, pool, ANSWER_EVERY_PICTURE)
         assert [o.error for o in outcomes] == [CRASHED if n == "crash.jpg" else None for n in names]
         # a batch started behind the one with the crash (as --once and the service do) is unharmed
@@ -47,6 +47,37 @@ def test_a_file_that_kills_its_decoder_fails_alone(tmp_path, tiny_checkpoint, mo
         second = start_batch([tmp_path / "a.jpg", tmp_path / "b.jpg"], checkpoint, pool, ANSWER_EVERY_PICTURE)
         assert [o.error for o in finish_batch(first, checkpoint, pool)] == [CRASHED if n == "crash.jpg" else None for n in names]
         assert all(o.prediction for o in finish_batch(second, checkpoint, pool))
+
+
+def test_a_file_that_outlasts_the_time_budget_fails_alone(tmp_path, tiny_checkpoint):
+    checkpoint = ckpt.load(tiny_checkpoint)
+    names = ["a.jpg", "hang.jpg", "b.jpg", "c.jpg", "hang2.jpg", "d.jpg"]
+    for name in names:
+        (tmp_path / name).write_bytes(image_bytes())
+    with DecodePool(2, time_budget=1.0, decode=decode_or_hang) as pool:
+        started = time.monotonic()
+        first = start_batch([tmp_path / n for n in names], checkpoint, pool, ANSWER_EVERY_PICTURE)
+        second = start_batch([tmp_path / "a.jpg", tmp_path / "b.jpg"], checkpoint, pool, ANSWER_EVERY_PICTURE)
+        outcomes = finish_batch(first, checkpoint, pool)
+        assert [o.error for o in outcomes] == [
+            "took longer than 1 s to decode; stopped" if n.startswith("hang") else None for n in names
+        ]
+        assert all(o.prediction for o in finish_batch(second, checkpoint, pool))
+        assert time.monotonic() - started < 8  # two budgets, one per worker, and the replacements' start
+
+
+def test_a_cancelled_wait_gives_up_within_a_second_and_close_kills_the_busy_workers(tmp_path, tiny_checkpoint):
+    checkpoint = ckpt.load(tiny_checkpoint)
+    (tmp_path / "hang.jpg").write_bytes(image_bytes())
+    stop_at = time.monotonic() + 0.5
+    pool = DecodePool(1, time_budget=600, cancelled=lambda: time.monotonic() > stop_at, decode=decode_or_hang)
+    processes = [w.process for w in pool._pool]
+    pending = start_batch([tmp_path / "hang.jpg"], checkpoint, pool, ANSWER_EVERY_PICTURE)
+    with pytest.raises(DecodeCancelled):
+        finish_batch(pending, checkpoint, pool)
+    assert time.monotonic() - stop_at < 1
+    pool.close()
+    assert time.monotonic() - stop_at < 2 and not any(p.is_alive() for p in processes)
 
 
 class LeftRight(nn.Module):

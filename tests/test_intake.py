@@ -94,8 +94,8 @@ def test_name_in_pipeline_is_looked_at_after_release(tmp_path):
 
 def test_inotify_events_wake_and_hint(tmp_path):
     woken = []
-    intake = Intake(tmp_path, settle=5, wake=lambda: woken.append(1))
-    intake.start()
+    intake = Intake(tmp_path, settle=5, watch=True, wake=lambda: woken.append(1))
+    intake.rescan()
     try:
         (tmp_path / "a.jpg").write_bytes(b"x")  # create, write, close
         (tmp_path / "b.part").write_bytes(b"x")

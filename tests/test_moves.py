@@ -1,8 +1,8 @@
-import hashlib
 import os
 
 import pytest
 
+from model.files import file_identity
 from watcher.moves import COUNTED, move_no_clobber, unique_name
 from watcher.pipeline import complete_moves
 
@@ -74,14 +74,19 @@ def test_recovery_moves_only_the_file_the_journal_recorded(tmp_path):
     inbox, done = tmp_path / "inbox", tmp_path / "done"
     inbox.mkdir()
     done.mkdir()
-    (inbox / "same.jpg").write_bytes(b"recorded bytes")
-    (inbox / "other.jpg").write_bytes(b"new bytes under a recorded name")
+    for name in ("same.jpg", "copied-back.jpg", "rewritten.jpg"):
+        (inbox / name).write_bytes(b"recorded bytes")
     os.symlink("/etc/passwd", inbox / "link.jpg")
-    (inbox / "was-link.jpg").write_bytes(b"a readable file where a symlink was recorded")
-    (inbox / "big.jpg").write_bytes(b"x" * 100)  # over the limit: recorded without a hash, and still so
-    digest = hashlib.sha256(b"recorded bytes").hexdigest()
-    recorded = {"same.jpg": digest, "other.jpg": digest, "link.jpg": None, "was-link.jpg": None, "big.jpg": None}
-    records = [{"source": str(inbox / name), "dest": str(done / name), "sha256": sha} for name, sha in recorded.items()]
-    assert complete_moves(records, max_bytes=50) == 3
-    assert sorted(os.listdir(done)) == ["big.jpg", "link.jpg", "same.jpg"]
-    assert sorted(os.listdir(inbox)) == ["other.jpg", "was-link.jpg"]  # left for intake to take as new files
+    os.mkfifo(inbox / "pipe.jpg")
+    records = [
+        {"source": str(inbox / n), "dest": str(done / n), "identity": list(file_identity(inbox / n))} for n in os.listdir(inbox)
+    ]
+    # the same bytes dropped again under the name, with the old times (cp -p, rsync -t)
+    info = os.stat(inbox / "copied-back.jpg")
+    (inbox / "copied-back.jpg").unlink()
+    (inbox / "copied-back.jpg").write_bytes(b"recorded bytes")
+    os.utime(inbox / "copied-back.jpg", ns=(info.st_atime_ns, info.st_mtime_ns))
+    (inbox / "rewritten.jpg").write_bytes(b"other bytes, same size")
+    assert complete_moves(records) == 3
+    assert sorted(os.listdir(done)) == ["link.jpg", "pipe.jpg", "same.jpg"]
+    assert sorted(os.listdir(inbox)) == ["copied-back.jpg", "rewritten.jpg"]  # left for intake to take as new files

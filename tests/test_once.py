@@ -10,7 +10,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from tests.conftest import SHARED_DATA, image_bytes, needs_shared_data, run_cli, write_config
+from tests.conftest import SHARED_DATA, image_bytes, needs_shared_data, run_cli, strictly_valid, write_config
 from train.photos import background, compose
 from watcher import config as configuration
 from watcher.once import _settled
@@ -86,14 +86,16 @@ def test_unreadable_files_are_reported_and_exit_1(tmp_path, tiny_checkpoint):
     assert all(f["reason"] for f in failures)
 
 
-def test_a_name_that_is_not_utf8_is_classified(tmp_path, tiny_checkpoint):
+def test_a_name_that_is_not_utf8_is_answered_in_valid_utf8(tmp_path, tiny_checkpoint):
     photos = tmp_path / "photos"
     photos.mkdir()
     (photos / os.fsdecode(b"caf\xe9.jpg")).write_bytes(image_bytes())
-    out = tmp_path / "res.json"
-    proc = run_cli("--once", str(photos), "--output", str(out), "--config", str(config_for(tmp_path, tiny_checkpoint)))
+    out, details = tmp_path / "res.json", tmp_path / "details.jsonl"
+    config = config_for(tmp_path, tiny_checkpoint)
+    proc = run_cli("--once", str(photos), "--output", str(out), "--details", str(details), "--config", str(config))
     assert proc.returncode == 0, proc.stderr
-    assert list(json.loads(out.read_bytes())) == [os.fsdecode(b"caf\xe9.jpg")]
+    assert list(strictly_valid(out.read_bytes())) == ["caf\\xe9.jpg"]
+    assert strictly_valid(details.read_bytes())["file"] == "caf\\xe9.jpg"
 
 
 def test_move_pass_takes_a_name_that_is_not_utf8(tmp_path, tiny_checkpoint):
@@ -104,9 +106,11 @@ def test_move_pass_takes_a_name_that_is_not_utf8(tmp_path, tiny_checkpoint):
     proc = run_cli("--config", str(config), "--once", str(tmp_path / "inbox"), "--move")
     assert proc.returncode == 0, proc.stderr
     assert sorted(os.listdir(tmp_path / "done")) == sorted([name, "ok.jpg"])
-    records = [json.loads(line) for line in (tmp_path / "results" / "journal.jsonl").read_bytes().splitlines()]
-    assert sorted(os.fsencode(r["dest"]) for r in records) == sorted(os.fsencode(tmp_path / "done" / n) for n in (name, "ok.jpg"))
-    assert set(json.loads((tmp_path / "results" / "process_results.json").read_bytes())) == {name, "ok.jpg"}
+    records = [strictly_valid(line) for line in (tmp_path / "results" / "journal.jsonl").read_bytes().splitlines()]
+    exact = [bytes.fromhex(r["dest_hex"]) if "dest_hex" in r else os.fsencode(r["dest"]) for r in records]
+    assert sorted(exact) == sorted(os.fsencode(tmp_path / "done" / n) for n in (name, "ok.jpg"))
+    assert set(strictly_valid((tmp_path / "results" / "process_results.json").read_bytes())) == {"caf\\xe9.jpg", "ok.jpg"}
+    assert [strictly_valid(line.encode()) for line in proc.stderr.splitlines() if line.startswith("{")]
 
 
 def test_move_pass_keeps_an_uploaders_symlink_from_reaching_the_journal(tmp_path, tiny_checkpoint):

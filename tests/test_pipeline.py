@@ -153,3 +153,17 @@ def test_the_heartbeat_counts_across_waits(tmp_path):
             time.sleep(0.03)
             pool.wait(pool.start([path], tiny_preprocessing()))
     assert beats
+
+
+def test_a_picture_that_needs_more_memory_than_a_worker_may_use_fails_alone(tmp_path):
+    big = tmp_path / "big.webp"
+    buffer = io.BytesIO()
+    Image.new("RGB", (4500, 4500), (200, 100, 50)).save(buffer, "WEBP", lossless=True)  # 20 MP, a few KB
+    big.write_bytes(buffer.getvalue())
+    small = tmp_path / "small.jpg"
+    small.write_bytes(image_bytes())
+    with DecodePool(1, memory_mb=250) as pool:
+        assert pool.memory_limit_error is None
+        first, second = pool.wait(pool.start([big, small], tiny_preprocessing()))
+    assert first.error == "needs more memory to decode than a decode process may use (250 MB)"
+    assert second.faces

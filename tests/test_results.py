@@ -3,6 +3,7 @@
 import json
 import os
 
+from tests.conftest import strictly_valid
 from watcher.results import JOURNAL_SHARE, ResultStore, encode_results, numbered
 
 
@@ -149,14 +150,18 @@ def test_results_file_is_the_indented_json_of_all_labels(tmp_path):
     assert again.results.read_text() == json.dumps(expected, indent=1, ensure_ascii=False) + "\n"
 
 
-def test_a_name_that_is_not_utf8_is_written_escaped_and_reads_back(tmp_path):
+def test_a_name_that_is_not_utf8_is_written_readable_and_the_journal_keeps_its_bytes(tmp_path):
     name = os.fsdecode(b"caf\xe9.jpg")  # undecodable byte, kept by Python as a lone surrogate
     s = store_in(tmp_path)
     s.recover()
     s.commit([rec(name), rec("b.jpg", "male")])
     s.close()
-    assert json.loads(s.results.read_bytes()) == {name: "female", "b.jpg": "male"}
+    assert strictly_valid(s.results.read_bytes()) == {"caf\\xe9.jpg": "female", "b.jpg": "male"}
+    first = strictly_valid(s.journal.read_bytes().splitlines()[0])
+    assert first["key"] == "caf\\xe9.jpg" and bytes.fromhex(first["key_hex"]) == b"caf\xe9.jpg"
     again = store_in(tmp_path)
     records = again.recover()
     assert records[0]["key"] == name and os.fsencode(records[0]["source"]) == b"/in/caf\xe9.jpg"
-    assert json.loads(encode_results({name: "male"})) == {name: "male"}
+    assert "key_hex" not in records[0]
+    assert strictly_valid(again.results.read_bytes()) == {"caf\\xe9.jpg": "female", "b.jpg": "male"}
+    assert strictly_valid(encode_results({name: "male"})) == {"caf\\xe9.jpg": "male"}

@@ -216,3 +216,60 @@ def test_idle_decode_workers_exit_and_the_next_file_starts_them(tmp_path, tiny_c
         assert_exactly_once(svc, ["a.jpg", "b.jpg"])
     finally:
         svc.close()
+
+
+def test_a_photo_dropped_again_after_a_stop_gets_its_own_record(service, tmp_path):
+    service.start()
+    drop(service.inbox, "photo.jpg", IMG)
+    service.wait_handled(1)
+    assert service.stop() == 0
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    os.rename(service.done / "photo.jpg", archive / "photo.jpg")
+    os.rename(archive / "photo.jpg", service.inbox / "photo.jpg")  # the very same file (inode, bytes, mtime)
+    service.start()
+    service.wait_for(lambda: len(service.journal_records()) == 2 and os.listdir(service.done), 30, "a second record")
+    assert not service.events("recovered")
+    first, second = service.journal_records()
+    assert first["sha256"] == second["sha256"] and second["time"] > first["time"]
+    # under a name of its own, as every file whose name the results file holds already
+    assert os.listdir(service.done) == ["photo__2.jpg"] == [second["key"]] and os.listdir(service.inbox) == []
+    assert service.stop() == 0
+
+
+def test_a_second_configuration_on_the_same_inbox_is_refused(service, tmp_path):
+    from tests.conftest import run_cli
+
+    service.start()
+    other = tmp_path / "other"
+    other.mkdir()
+    for name in ("done", "failed", "results"):
+        (other / name).mkdir()
+    config = other / "config.yaml"
+    config.write_text(f"inbox: {service.inbox}\ncheckpoint: {service.config.parent / 'model.pt'}\n")
+    proc = run_cli("--config", str(config))
+    assert proc.returncode == 2, proc.stderr
+    assert f"another gender-watcher (pid {service.proc.pid}) is serving the inbox {service.inbox}" in proc.stderr
+    assert service.stop() == 0
+
+
+ROOT_ONLY = pytest.mark.skipif(os.geteuid() != 0, reason="making a file of another user needs root")
+
+
+@pytest.mark.parametrize("planted", ["fifo", "symlink", pytest.param("someone_elses", marks=ROOT_ONLY)])
+def test_an_inbox_lock_planted_by_someone_else_does_not_keep_the_service_out(service, tmp_path, planted):
+    lock = service.inbox.parent / f".gender-watcher.{service.inbox.name}.lock"
+    if planted == "fifo":
+        os.mkfifo(lock)
+    elif planted == "symlink":
+        lock.symlink_to(tmp_path / "elsewhere")
+    else:
+        lock.write_text("")
+        os.chown(lock, os.geteuid() + 1000, -1)
+    service.start()
+    (warning,) = service.events("inbox_lock_not_taken")
+    assert str(lock) in warning["reason"]
+    drop(service.inbox, "a.jpg", IMG)
+    service.wait_handled(1)
+    assert service.stop() == 0
+    assert not (tmp_path / "elsewhere").exists()

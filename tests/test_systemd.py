@@ -73,3 +73,8 @@ def test_reload_and_watchdog(box):
 def test_clean_stop(box):
     assert box["checks"]["after_stop"] == "inactive result=success status=0"
     assert box["journal"][-1]["event"] == "stop"
+
+
+def test_decode_processes_are_memory_limited_and_the_inbox_locked(box):
+    events = {e["event"] for e in box["journal"]}
+    assert "decode_memory_not_limited" not in events and "inbox_lock_not_taken" not in events

@@ -68,8 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     logger = log.get()
     # Imported here: they import torch (and PIL), which would make --help and config errors slow.
     from model.checkpoint import CheckpointError
-    from model.decode import DecodePool
-    from watcher import once, service
+    from watcher import once, pipeline, service
 
     try:
         if args.once is None:
@@ -88,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.once.resolve() != config.inbox:
                 print(f"error: --once --move works on the configured inbox ({config.inbox}), not {args.once}", file=sys.stderr)
                 return 2
-            with DecodePool(config.batch["decode_processes"]) as pool:
+            with pipeline.decode_pool(config) as pool:
                 return once.drain_inbox(config, pool)
         if not args.once.is_dir():
             print(f"error: {args.once} is not a folder", file=sys.stderr)
@@ -98,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
             if target.is_dir() or not os.access(target.parent, os.W_OK | os.X_OK):
                 print(f"error: cannot write {target}: it is a folder, or {target.parent} is not a writable one", file=sys.stderr)
                 return 2
-        with DecodePool(config.batch["decode_processes"]) as pool:
+        with pipeline.decode_pool(config) as pool:
             return once.classify_folder(args.once, output, config, pool, details=args.details)
     except (configuration.ConfigError, CheckpointError, service.ServiceError) as exc:
         logger.error("cannot_start", reason=str(exc))

@@ -29,6 +29,8 @@ DEFAULTS: dict[str, Any] = {
         "max_wait_ms": 20,
         "decode_processes": 2,
         "decode_idle_seconds": 60.0,
+        "decode_seconds": 10.0,
+        "decode_memory_mb": 1024,
         "torch_threads": 1,
         "precision": "auto",
     },
@@ -49,6 +51,8 @@ CHOICES = {
 POSITIVE = (
     "batch.max_size",
     "batch.decode_processes",
+    "batch.decode_seconds",
+    "batch.decode_memory_mb",
     "batch.torch_threads",
     "intake.rescan_seconds",
     "intake.max_file_bytes",
@@ -134,15 +138,17 @@ def load(path: str | Path | None = None) -> Config:
     return Config(**values, source=source)
 
 
-def check_service_paths(config: Config) -> None:
-    """What the service (and --once --move) needs: folders that exist, are writable, share a filesystem."""
-    for key in ("inbox", "done", "failed"):
+def check_service_paths(config: Config, inbox_may_be_missing: bool = False) -> None:
+    """What the service (and --once --move) needs: folders that exist, are writable, share a
+    filesystem. The service waits for a missing inbox (a mount that comes later, a folder being
+    made again), so it checks the inbox only when it is there."""
+    keys = ("done", "failed") if inbox_may_be_missing and not config.inbox.exists() else ("inbox", "done", "failed")
+    for key in keys:
         _check_writable_dir(config, key, getattr(config, key))
     for key in ("results", "journal"):
         _check_writable_dir(config, key, getattr(config, key).parent)
-    inbox_dev = config.inbox.stat().st_dev
     for key in ("done", "failed"):
-        if getattr(config, key).stat().st_dev != inbox_dev:
+        if "inbox" in keys and getattr(config, key).stat().st_dev != config.inbox.stat().st_dev:
             raise ConfigError(
                 f"{config.source}: '{key}' ({getattr(config, key)}) is on another filesystem than 'inbox' ({config.inbox}); "
                 "moves must be atomic renames"

@@ -40,6 +40,8 @@ CLOSED, CHANGED = "closed", "changed"
 
 # inotify(7)
 IN_CLOSE_WRITE, IN_MOVED_TO, IN_CREATE, IN_Q_OVERFLOW, IN_ISDIR = 0x8, 0x80, 0x100, 0x4000, 0x40000000
+IN_DELETE_SELF, IN_MOVE_SELF, IN_IGNORED = 0x400, 0x800, 0x8000  # the watched folder itself went away
+MISSING_RECHECK = 1.0  # seconds between looks for an inbox that is missing
 IN_NONBLOCK, IN_CLOEXEC = os.O_NONBLOCK, os.O_CLOEXEC
 EVENT_HEADER = struct.Struct("iIII")  # wd, mask, cookie, length of the NUL-padded name that follows
 
@@ -49,31 +51,34 @@ def is_waiting_name(name: str) -> bool:
 
 
 def parse_events(data: bytes) -> tuple[dict[str, str], bool]:
-    """inotify events as read -> ({name: CLOSED or CHANGED}, whether the kernel dropped events).
-    Sub-folders are left out; a file both created and closed in one read is CLOSED."""
+    """inotify events as read -> ({name: CLOSED or CHANGED}, whether the folder needs a full look:
+    the kernel dropped events, or the folder itself was deleted or renamed). Sub-folders are left
+    out; a file both created and closed in one read is CLOSED."""
     hints: dict[str, str] = {}
-    overflow, offset = False, 0
+    look_again, offset = False, 0
     while offset < len(data):
         _, mask, _, length = EVENT_HEADER.unpack_from(data, offset)
         name = os.fsdecode(data[offset + EVENT_HEADER.size : offset + EVENT_HEADER.size + length].rstrip(b"\0"))
         offset += EVENT_HEADER.size + length
-        overflow |= bool(mask & IN_Q_OVERFLOW)
+        look_again |= bool(mask & (IN_Q_OVERFLOW | IN_DELETE_SELF | IN_MOVE_SELF | IN_IGNORED))
         if name and not mask & IN_ISDIR and hints.get(name) != CLOSED:
             hints[name] = CHANGED if mask & IN_CREATE else CLOSED
-    return hints, overflow
+    return hints, look_again
 
 
 class InboxWatch:
     """A thread that reads the inbox's inotify events and passes them on as hints, one call per
-    read: `on_hints({name: CLOSED or CHANGED})`, or `on_overflow()` when the kernel dropped events."""
+    read: `on_hints({name: CLOSED or CHANGED})`, or `on_look_again()` when the kernel dropped
+    events or the folder itself went away."""
 
-    def __init__(self, folder: Path, on_hints: Callable[[dict[str, str]], None], on_overflow: Callable[[], None]) -> None:
-        self.on_hints, self.on_overflow = on_hints, on_overflow
+    def __init__(self, folder: Path, on_hints: Callable[[dict[str, str]], None], on_look_again: Callable[[], None]) -> None:
+        self.on_hints, self.on_look_again = on_hints, on_look_again
         libc = ctypes.CDLL(None, use_errno=True)
         self._fd = libc.inotify_init1(IN_NONBLOCK | IN_CLOEXEC)
         if self._fd < 0:
             raise OSError(ctypes.get_errno(), f"inotify_init1: {os.strerror(ctypes.get_errno())}")
-        if libc.inotify_add_watch(self._fd, os.fsencode(folder), IN_CLOSE_WRITE | IN_MOVED_TO | IN_CREATE) < 0:
+        mask = IN_CLOSE_WRITE | IN_MOVED_TO | IN_CREATE | IN_DELETE_SELF | IN_MOVE_SELF
+        if libc.inotify_add_watch(self._fd, os.fsencode(folder), mask) < 0:
             errno = ctypes.get_errno()
             os.close(self._fd)
             raise OSError(errno, f"inotify_add_watch {folder}: {os.strerror(errno)}")
@@ -86,9 +91,9 @@ class InboxWatch:
         try:
             while self._stop_r not in select.select([self._fd, self._stop_r], [], [])[0]:
                 try:
-                    hints, overflow = parse_events(os.read(self._fd, 1 << 16))
-                    if overflow:
-                        self.on_overflow()
+                    hints, look_again = parse_events(os.read(self._fd, 1 << 16))
+                    if look_again:
+                        self.on_look_again()
                     if hints:
                         self.on_hints(hints)
                 except BlockingIOError:
@@ -107,13 +112,30 @@ class InboxWatch:
 
 
 class Intake:
-    def __init__(self, inbox: Path, settle: float, wake: Callable[[], None] = lambda: None) -> None:
-        self.inbox, self.settle, self.wake = inbox, settle, wake
+    """Ready files of the inbox, and the inbox itself: its schedule of full listings (`rescan_at`),
+    its watch, re-armed when the folder is replaced (deleted and made again, renamed away), and
+    waiting, not failing, while it is missing."""
+
+    def __init__(
+        self,
+        inbox: Path,
+        settle: float,
+        rescan_seconds: float = float("inf"),
+        watch: bool = False,
+        wake: Callable[[], None] = lambda: None,
+    ) -> None:
+        """`rescan_seconds`: how often a full listing is due; `watch`: with inotify hints."""
+        self.inbox, self.settle, self.rescan_seconds, self.wake = inbox, settle, rescan_seconds, wake
+        self._use_watch = watch
         self._lock = threading.Lock()
         self._hints: dict[str, str] = {}
         self._candidates: dict[str, tuple[int, int, float]] = {}  # name -> (size, mtime_ns, first seen so)
         self._taken: set[str] = set()
         self._watch: InboxWatch | None = None
+        self._watched: tuple[int, int] | None = None  # (device, inode) of the folder listed last
+        self._last_rescan = 0.0
+        self._look_again = False  # set by the watch thread
+        self.missing = False
 
     # -- watch thread ----------------------------------------------------------------------
     def hint(self, hints: dict[str, str]) -> None:
@@ -124,25 +146,59 @@ class Intake:
                     self._hints[name] = kind
         self.wake()
 
-    # -- main loop -------------------------------------------------------------------------
-    def start(self, watch: bool = True) -> None:
-        if watch:
-            self._watch = InboxWatch(self.inbox, self.hint, self.rescan)
-        self.rescan()
+    def look_again(self) -> None:
+        """Events were lost, or the folder itself went away: list it at once."""
+        self._look_again = True
+        self.wake()
 
+    # -- main loop -------------------------------------------------------------------------
     def stop(self) -> None:
         if self._watch:
             self._watch.stop()
             self._watch = None
 
-    def rescan(self) -> None:
-        """Consider every entry of the inbox (the listing is the truth)."""
-        with os.scandir(self.inbox) as entries:
-            names = [e.name for e in entries]
+    @property
+    def rescan_at(self) -> float:
+        """When the main loop should call `rescan` next (time.monotonic)."""
+        if self._look_again:
+            return 0.0
+        return self._last_rescan + (MISSING_RECHECK if self.missing else self.rescan_seconds)
+
+    def rescan(self, now: float | None = None) -> None:
+        """Consider every entry of the inbox (the listing is the truth); first, watch the folder
+        anew if it is not the one watched, or note that it is missing."""
+        self._last_rescan = time.monotonic() if now is None else now
+        self._look_again = False
+        try:
+            info = os.stat(self.inbox)
+            if not stat.S_ISDIR(info.st_mode):
+                raise NotADirectoryError
+            if (info.st_dev, info.st_ino) != self._watched:
+                self._watch_folder((info.st_dev, info.st_ino))
+            with os.scandir(self.inbox) as entries:
+                names = [e.name for e in entries]
+        except (FileNotFoundError, NotADirectoryError):
+            if not self.missing:
+                log.get().error("inbox_missing", inbox=str(self.inbox), action=f"looking again every {MISSING_RECHECK:g} s")
+                self.missing = True
+                self.stop()
+                self._watched = None
+            return
+        if self.missing:
+            log.get().info("inbox_back", inbox=str(self.inbox))
+            self.missing = False
         with self._lock:
             for name in names:
                 self._hints.setdefault(name, CHANGED)
         self.wake()
+
+    def _watch_folder(self, identity: tuple[int, int]) -> None:
+        if self._watched is not None:
+            log.get().warning("inbox_replaced", inbox=str(self.inbox), action="watching the new folder")
+        self.stop()
+        if self._use_watch:
+            self._watch = InboxWatch(self.inbox, self.hint, self.look_again)
+        self._watched = identity
 
     def take(self, now: float | None = None) -> list[Path]:
         """Entries that are ready now, each handed out once until `release`d."""

@@ -7,6 +7,14 @@ import sys
 
 import structlog
 
+from model.files import readable_name
+
+
+def _readable_strings(_logger: object, _method: str, event: dict) -> dict:
+    """File names that are not UTF-8 logged as readable text (model.files.readable_name), so that
+    every log line is valid UTF-8 JSON."""
+    return {k: readable_name(v) if isinstance(v, str) and not v.isascii() else v for k, v in event.items()}
+
 
 def setup(level: str = "info", fmt: str = "auto") -> None:
     """fmt: 'json', 'console' or 'auto' (console when stderr is a terminal)."""
@@ -15,6 +23,7 @@ def setup(level: str = "info", fmt: str = "auto") -> None:
     structlog.configure(
         processors=[
             structlog.processors.add_log_level,
+            _readable_strings,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             renderer,
         ],

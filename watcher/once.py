@@ -17,7 +17,7 @@ import torch
 
 from model import checkpoint as ckpt
 from model.decode import DecodePool
-from model.files import write_atomic
+from model.files import readable_name, write_atomic
 from model.inference import Outcome, finish_batch, start_batch
 from model.progress import Progress
 from watcher import log
@@ -46,7 +46,7 @@ def list_folder(folder: Path) -> tuple[list[Path], int]:
 
 def details_line(outcome: Outcome, version: str) -> str:
     """--details: one JSON line for a file, with every face or the reason there is none."""
-    line = {"file": outcome.path.name, "checkpoint": version, "sha256": outcome.sha256}
+    line = {"file": readable_name(outcome.path.name), "checkpoint": version, "sha256": outcome.sha256}
     line |= outcome.answer() or {"error": outcome.error}
     return json.dumps(line, ensure_ascii=False) + "\n"
 

@@ -11,20 +11,26 @@ caller stops, and the next start's `recover` completes the work.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import time
+from contextlib import suppress
 from datetime import UTC, datetime
 from pathlib import Path
 
 from model.checkpoint import Checkpoint
-from model.decode import DecodePool, ImageError, PendingDecode, read_image_bytes
+from model.decode import DecodePool, PendingDecode
 from model.files import Identity, file_identity, fsync_dir
 from model.inference import finish_batch, start_batch
 from watcher import log
 from watcher.config import Config
 from watcher.moves import move_no_clobber, unique_name
 from watcher.results import ResultStore
+
+
+def decode_pool(config: Config, **options: object) -> DecodePool:
+    """The decode worker pool with the configured processes, time budget and memory limit."""
+    batch = config.batch
+    return DecodePool(batch["decode_processes"], batch["decode_seconds"], memory_mb=batch["decode_memory_mb"], **options)
 
 
 def start(paths: list[Path], checkpoint: Checkpoint, pool: DecodePool, config: Config) -> PendingDecode:
@@ -64,6 +70,7 @@ def commit(pending: PendingDecode, checkpoint: Checkpoint, pool: DecodePool, sto
             "source": str(outcome.path),
             "dest": str(folder / name),
             "sha256": outcome.sha256,
+            "identity": list(outcome.identity),
             "checkpoint": checkpoint.version,
         }
         if outcome.prediction:
@@ -83,8 +90,10 @@ def commit(pending: PendingDecode, checkpoint: Checkpoint, pool: DecodePool, sto
     store.commit(records)
     for record, identity in zip(records, identities, strict=True):
         _move(Path(record["source"]), Path(record["dest"]), identity, record["key"])
-    for folder in {config.inbox, config.done, config.failed}:
+    for folder in {config.done, config.failed}:
         fsync_dir(folder)
+    with suppress(FileNotFoundError):  # an inbox deleted meanwhile (the service waits for a new one)
+        fsync_dir(config.inbox)
     rotated = store.rotate_if_full()
     if rotated:
         logger.info("rotated", number=rotated)
@@ -116,21 +125,23 @@ def _move(source: Path, dest: Path, identity: Identity | None, key: str) -> None
             raise  # the file itself cannot be moved: not something to go on from
         logger.warning("replaced_before_move", file=source.name, result_kept=key)  # e.g. a folder we may not rename
         return
-    if file_identity(dest) != identity:
+    moved = file_identity(dest)
+    if moved is None or identity is None or moved[:4] != identity[:4]:  # all but the ctime, which the rename set
         move_no_clobber(dest, source.parent / unique_name(source.parent, source.name))
         logger.warning("replaced_before_move", file=source.name, result_kept=key)
 
 
-def complete_moves(records: list[dict], max_bytes: int) -> int:
-    """After a crash: move files whose result is durable but which are still in the inbox."""
+def complete_moves(records: list[dict]) -> int:
+    """After a crash: move the files whose result is durable but which are still in the inbox.
+    Only the very file that was classified (its identity recorded) is moved: the same photo
+    dropped again under the same name later is a new arrival, which intake takes."""
     moved = 0
     for record in records:
         source, dest = Path(record["source"]), Path(record["dest"])
         if not os.path.lexists(source) or os.path.lexists(dest):
             continue
-        if _sha256(source, max_bytes) != record.get("sha256"):
-            # A different file dropped under the same name: intake will take it. A file recorded
-            # without a hash could not be read, and is moved only while it still cannot be.
+        identity = file_identity(source)
+        if identity is None or list(identity) != record.get("identity"):
             continue
         move_no_clobber(source, dest)
         moved += 1
@@ -138,12 +149,3 @@ def complete_moves(records: list[dict], max_bytes: int) -> int:
         for folder in {Path(r["source"]).parent for r in records} | {Path(r["dest"]).parent for r in records}:
             fsync_dir(folder)
     return moved
-
-
-def _sha256(path: Path, max_bytes: int) -> str | None:
-    """The hash the decode workers record: of the bytes `read_image_bytes` gives, None where it
-    refuses the file (symlink, FIFO, folder, over max_bytes, unreadable)."""
-    try:
-        return hashlib.sha256(read_image_bytes(path, max_bytes)).hexdigest()
-    except ImageError:
-        return None

@@ -16,7 +16,7 @@ import os
 import re
 from pathlib import Path
 
-from model.files import fsync_dir, write_atomic
+from model.files import fsync_dir, readable_name, write_atomic
 
 # A journal record is about 12 times the size of a results entry; a journal that grows past this
 # many times max_bytes is mostly failed files, and rolls over by itself, so that one start-up never
@@ -117,7 +117,15 @@ def _read_records(journal: Path) -> list[dict]:
     good = data[: data.rfind(b"\n") + 1]
     if len(good) != len(data):
         os.truncate(journal, len(good))
-    return [json.loads(line) for line in good.splitlines() if line.strip()]
+    return [exact_names(json.loads(line)) for line in good.splitlines() if line.strip()]
+
+
+def exact_names(record: dict) -> dict:
+    """A journal record as it was before _json: its names with their exact bytes."""
+    for field in NAME_FIELDS:
+        if f"{field}_hex" in record:
+            record[field] = os.fsdecode(bytes.fromhex(record.pop(f"{field}_hex")))
+    return record
 
 
 def _labels(records: list[dict]) -> dict[str, str]:
@@ -138,11 +146,18 @@ def _entry_lines(labels: dict[str, str]) -> bytes:
     return b",\n".join(b" " + _json(k) + b": " + _json(v) for k, v in labels.items())
 
 
-def _json(value: object) -> bytes:
-    """UTF-8 JSON. A file name that is not valid UTF-8 (Python keeps its undecodable bytes as lone
-    surrogates) cannot be written as UTF-8: it is written with \\u escapes instead, which read
-    back to the same name, so the journal still leads to the file."""
-    try:
-        return json.dumps(value, ensure_ascii=False).encode()
-    except UnicodeEncodeError:
-        return json.dumps(value).encode()
+# Journal fields that hold file names or paths; one that is not valid UTF-8 is written readable,
+# with its exact bytes beside it in hex (`<field>_hex`), from which reading restores it.
+NAME_FIELDS = ("key", "source", "dest")
+
+
+def _json(value: str | dict) -> bytes:
+    """Valid UTF-8 JSON of a results key or value, or of a journal record (see NAME_FIELDS)."""
+    if isinstance(value, str):
+        value = readable_name(value)
+    else:
+        value = dict(value)
+        for field in NAME_FIELDS:
+            if field in value and (readable := readable_name(value[field])) != value[field]:
+                value[field], value[f"{field}_hex"] = readable, os.fsencode(value[field]).hex()
+    return json.dumps(value, ensure_ascii=False).encode()

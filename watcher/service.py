@@ -18,13 +18,13 @@ import signal
 import socket
 import stat
 import time
-from contextlib import contextmanager, suppress
+from contextlib import ExitStack, contextmanager, suppress
 from pathlib import Path
 
 import torch
 
 from model import checkpoint as ckpt
-from model.decode import DecodePool, PendingDecode
+from model.decode import DecodeCancelled, DecodePool, PendingDecode
 from watcher import log, pipeline
 from watcher.config import Config, check_service_paths
 from watcher.intake import Intake
@@ -33,7 +33,11 @@ from watcher.reload import Reloader
 from watcher.results import ResultStore
 
 LOCK_NAME = ".gender-watcher.lock"  # beside the journal (instance_lock)
+INBOX_LOCK_NAME = ".gender-watcher.{inbox}.lock"  # beside the inbox, in the folder that holds it
 RELOAD_RECHECK = 0.5  # seconds a changed checkpoint must hold still before it is loaded
+# After SIGTERM the batch in hand may take this many seconds more to decode; then it is left in
+# the inbox for the next start, so that the service always exits well within systemd's 30 s.
+STOP_GRACE = 5.0
 
 
 class Waker:
@@ -69,34 +73,67 @@ class ServiceError(RuntimeError):
 
 @contextmanager
 def instance_lock(config: Config):
-    """Exclusive lock held for the life of the service or a --once --move pass: one instance per
-    journal. The lock file lives beside the journal, in a folder that only the service writes (the
-    inbox will not do: whoever may write into it could delete or replace the file, or hold a lock
-    on the folder and so keep the service from ever starting again)."""
-    path = config.journal.parent / LOCK_NAME
+    """Exclusive locks held for the life of the service or a --once --move pass: one instance per
+    journal, and one per inbox (two configurations with different results folders on one inbox
+    would answer its files twice).
+
+    The journal's lock file lives beside it, in a folder that only the service writes; the inbox
+    will not do: whoever may write into it could delete or replace the file, or hold a lock on
+    it and so keep the service from ever starting again. The inbox's lock lives beside the inbox,
+    in the folder that holds it, and counts only when it is a regular file of the service's own
+    user: one that someone else made there cannot keep the service out (it is named in a
+    warning), nor can a folder the service may not write into (a warning, too)."""
+    with ExitStack() as held:
+        held.callback(os.close, _lock(config.journal.parent / LOCK_NAME, f"is working {config.journal}"))
+        inbox_lock = config.inbox.parent / INBOX_LOCK_NAME.format(inbox=config.inbox.name)
+        try:
+            held.callback(os.close, _lock(inbox_lock, f"is serving the inbox {config.inbox}", own_only=True))
+        except _LockNotTaken as exc:
+            log.get().warning(
+                "inbox_lock_not_taken",
+                lock=str(inbox_lock),
+                reason=str(exc),
+                risk="a second service on this inbox would not be refused",
+            )
+        yield
+
+
+class _LockNotTaken(Exception):
+    """The inbox's lock file cannot be used; the message says why."""
+
+
+def _lock(path: Path, holder_is: str, own_only: bool = False) -> int:
+    """Open, lock and fill in (pid) the lock file at `path`; the open descriptor holds the lock.
+    Raises ServiceError where another instance holds it; where the file cannot be used, also
+    ServiceError, or _LockNotTaken with `own_only` (see instance_lock)."""
+    refuse = _LockNotTaken if own_only else ServiceError
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o600)
     except OSError as exc:
-        raise ServiceError(f"cannot open the lock file {path}: {exc.strerror}") from None
+        raise refuse(f"cannot open the lock file {path}: {exc.strerror}") from None
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise ServiceError(f"the lock file {path} is not a regular file")
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise refuse(f"the lock file {path} is not a regular file")
+        if own_only and info.st_uid != os.geteuid():
+            raise refuse(f"the lock file {path} belongs to user {info.st_uid}, not to this service's")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-            raise ServiceError(f"another gender-watcher (pid {holder}) is working {config.journal} (lock {path})") from None
+            raise ServiceError(f"another gender-watcher (pid {holder}) {holder_is} (lock {path})") from None
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
-        yield
-    finally:
+        return fd
+    except BaseException:
         os.close(fd)
+        raise
 
 
 def open_store(config: Config) -> ResultStore:
     """Recover the results and finish moves that a crash interrupted."""
     store = ResultStore(config.results, config.journal, config.rotation["max_bytes"])
-    moved = pipeline.complete_moves(store.recover(), config.intake["max_file_bytes"])
+    moved = pipeline.complete_moves(store.recover())
     if moved:
         log.get().info("recovered", moved=moved)
     return store
@@ -108,31 +145,42 @@ class Service:
         self.log = log.get()
         self.waker = Waker()
         self.stop_signal: int | None = None
+        self.stop_requested_at = 0.0
         self.reload_requested = False
 
     # Signal handlers only record; set_wakeup_fd makes the signal itself wake the loop.
     def _on_stop(self, signum: int, _frame: object) -> None:
         self.stop_signal = signum
+        self.stop_requested_at = time.monotonic()
+
+    def _stop_overdue(self) -> bool:
+        return self.stop_signal is not None and time.monotonic() - self.stop_requested_at >= STOP_GRACE
 
     def _on_hup(self, _signum: int, _frame: object) -> None:
         self.reload_requested = True
 
     def run(self) -> int:
         config = self.config
-        check_service_paths(config)
+        check_service_paths(config, inbox_may_be_missing=True)
         signal.set_wakeup_fd(self.waker.fileno(), warn_on_full_buffer=False)
         signal.signal(signal.SIGTERM, self._on_stop)
         signal.signal(signal.SIGINT, self._on_stop)
         signal.signal(signal.SIGHUP, self._on_hup)
         torch.set_num_threads(config.batch["torch_threads"])
         ping_every = watchdog_interval()
-        # The watchdog is pinged from the loop, and also while a slow batch decodes (huge PNGs).
+        # The watchdog is pinged from the loop, and also while a slow batch decodes (huge PNGs),
+        # as long as the decode processes make progress.
         beats = {"heartbeat": lambda: notify("WATCHDOG=1"), "heartbeat_seconds": ping_every} if ping_every else {}
-        with instance_lock(config), DecodePool(config.batch["decode_processes"], **beats) as pool:
+        budget = config.batch["decode_seconds"]
+        with (
+            instance_lock(config),
+            pipeline.decode_pool(config, cancelled=self._stop_overdue, **beats) as pool,
+        ):
             model = ckpt.load(config.checkpoint, config.batch["precision"])
             store = open_store(config)
-            intake = Intake(config.inbox, config.intake["settle_seconds"], self.waker.wake)
-            intake.start(watch=config.intake["watch"])
+            timing = config.intake["settle_seconds"], config.intake["rescan_seconds"]
+            intake = Intake(config.inbox, *timing, watch=config.intake["watch"], wake=self.waker.wake)
+            intake.rescan()
             reloader = Reloader(config.checkpoint, config.batch["precision"], model, self.waker.wake)
             reloader.start_watching()
             self.log.info(
@@ -143,9 +191,19 @@ class Service:
                 precision=str(model.dtype).removeprefix("torch."),
                 config=config.source,
             )
+            if pool.memory_limit_error:
+                self.log.warning("decode_memory_not_limited", reason=pool.memory_limit_error, decode_memory_mb=pool.memory_mb)
+            if ping_every is not None and budget >= ping_every:
+                self.log.warning(
+                    "decode_seconds_too_long",
+                    decode_seconds=budget,
+                    reason=f"a file may hold the watchdog ping back past systemd's limit; keep it under {ping_every:g}",
+                )
             notify(f"READY=1\nSTATUS=serving checkpoint {model.version}")
             try:
                 self._loop(intake, reloader, store, pool, model, ping_every)
+            except DecodeCancelled:
+                self.log.warning("stopped_before_the_batch_was_decoded", grace_seconds=STOP_GRACE, files="left in the inbox")
             finally:
                 notify("STOPPING=1")
                 intake.stop()
@@ -167,7 +225,7 @@ class Service:
         max_size, max_wait = config.batch["max_size"], config.batch["max_wait_ms"] / 1000
         decode_idle = config.batch["decode_idle_seconds"]
         now = time.monotonic()
-        next_rescan, next_reload_poll = now + config.intake["rescan_seconds"], now + config.reload["poll_seconds"]
+        next_reload_poll = now + config.reload["poll_seconds"]
         next_ping = last_batch_at = now
         pending: list[Path] = []
         first_pending_at = 0.0
@@ -210,9 +268,8 @@ class Service:
                 notify(f"STATUS=serving checkpoint {model.version}")
             elif result is not None:
                 self.log.error("reload_refused", path=str(config.checkpoint), reason=str(result), serving=model.version)
-            if now >= next_rescan:
-                intake.rescan()
-                next_rescan = now + config.intake["rescan_seconds"]
+            if now >= intake.rescan_at:
+                intake.rescan(now)
             ready = intake.take()
             if ready and not pending:
                 first_pending_at = now
@@ -228,12 +285,12 @@ class Service:
                 if len(pending) < max_size:
                     finish_in_flight()
                 continue
-            deadlines = [next_rescan, next_reload_poll] + ([next_ping] if ping_every else [])
+            deadlines = [intake.rescan_at, next_reload_poll] + ([next_ping] if ping_every else [])
             if decode_idle and pool.running and not pending:
                 if now - last_batch_at < decode_idle:
                     deadlines.append(last_batch_at + decode_idle)
                 else:
-                    pool.stop_workers()
+                    pool.close()
                     self.log.info("decode_workers_stop", idle_seconds=decode_idle)
             if pending:
                 deadlines.append(first_pending_at + max_wait)
