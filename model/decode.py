@@ -161,11 +161,6 @@ def decode_file(path: Path, prep: Preprocessing, max_bytes: int = DEFAULT_MAX_BY
         return Decoded(None, str(exc), digest, identity)
 
 
-def decode_files(paths: list[Path], prep: Preprocessing, max_bytes: int = DEFAULT_MAX_BYTES) -> list[Decoded]:
-    """decode_file for each of `paths`, in this process."""
-    return [decode_file(path, prep, max_bytes) for path in paths]
-
-
 DecodeFunction = Callable[[Path, Preprocessing, int], Decoded]
 
 
@@ -270,7 +265,7 @@ class DecodePool:
 
     @property
     def running(self) -> bool:
-        """Whether the worker processes are up (see `stop_workers`)."""
+        """Whether the worker processes are up (`close` stops them; `start` spawns them again)."""
         return bool(self._pool)
 
     def _spawn(self) -> _Worker:

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from model.decode import ImageError, decode_faces, decode_files
+from model.decode import ImageError, decode_faces, decode_file
 from model.faces import NO_FACE, ChipSpec, DetectorSpec, FaceRules, Preprocessing, cut_chip, find_faces
 from model.preprocess import to_batch
 from tests.conftest import SHARED_DATA, needs_shared_data
@@ -157,6 +157,6 @@ def test_training_evaluation_and_serving_cut_the_same_chips(tmp_path):
     items = [(p, 0) for p in sorted((folder / "female").iterdir())] + [(p, 1) for p in sorted((folder / "male").iterdir())]
     training = Preprocessing(SERVING.chip, SERVING.detector, TRAINING_RULES)
     cached, _ = load_dataset(items, training)
-    served = decode_files([p for p, _ in items], SERVING)
+    served = [decode_file(p, SERVING) for p, _ in items]
     assert torch.equal(cached.images, to_batch([d.faces[0].chip for d in served]))
     assert len(served[0].faces) == 2  # serving answers both; training takes the main face

@@ -12,7 +12,7 @@ from PIL import Image, ImageOps
 
 from model import checkpoint as ckpt
 from model import decode
-from model.decode import DecodePool, decode_files
+from model.decode import DecodePool, decode_file
 from tests.conftest import image_bytes, tiny_preprocessing, write_config
 from watcher import config as configuration
 from watcher import log, pipeline
@@ -125,7 +125,7 @@ def test_any_exception_while_decoding_fails_only_that_file(tmp_path, monkeypatch
         return real(img, **kwargs)
 
     monkeypatch.setattr(decode.ImageOps, "exif_transpose", damaged_exif)
-    results = decode_files([broken, good], tiny_preprocessing())
+    results = [decode_file(p, tiny_preprocessing()) for p in (broken, good)]
     assert results[0].faces is None and "struct.error" in results[0].error
     assert results[0].sha256 == hashlib.sha256(broken.read_bytes()).hexdigest()
     assert results[1].faces and results[1].error is None

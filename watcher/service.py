@@ -171,7 +171,6 @@ class Service:
         # The watchdog is pinged from the loop, and also while a slow batch decodes (huge PNGs),
         # as long as the decode processes make progress.
         beats = {"heartbeat": lambda: notify("WATCHDOG=1"), "heartbeat_seconds": ping_every} if ping_every else {}
-        budget = config.batch["decode_seconds"]
         with (
             instance_lock(config),
             pipeline.decode_pool(config, cancelled=self._stop_overdue, **beats) as pool,
@@ -193,10 +192,10 @@ class Service:
             )
             if pool.memory_limit_error:
                 self.log.warning("decode_memory_not_limited", reason=pool.memory_limit_error, decode_memory_mb=pool.memory_mb)
-            if ping_every is not None and budget >= ping_every:
+            if ping_every is not None and pool.time_budget >= ping_every:
                 self.log.warning(
                     "decode_seconds_too_long",
-                    decode_seconds=budget,
+                    decode_seconds=pool.time_budget,
                     reason=f"a file may hold the watchdog ping back past systemd's limit; keep it under {ping_every:g}",
                 )
             notify(f"READY=1\nSTATUS=serving checkpoint {model.version}")
