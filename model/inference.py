@@ -6,17 +6,20 @@ Shared by `watcher` (one-shot pass and service) and `train.evaluate`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import itertools
+from collections import deque
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from model import DEFAULT_MAX_BYTES
 from model.checkpoint import Checkpoint
-from model.decode import DEFAULT_MAX_BYTES, DecodePool, PendingDecode
 from model.faces import FaceRules
 from model.files import Identity
+from model.pool import DecodePool, PendingDecode
 from model.preprocess import normalize, to_batch
 
 
@@ -134,3 +137,29 @@ def classify_batch(
 ) -> list[Outcome]:
     """Read, decode and find faces in parallel on `pool`, then classify every face in one forward pass."""
     return finish_batch(start_batch(paths, checkpoint, pool, rules, max_bytes), checkpoint, pool)
+
+
+# Batches whose decoding is under way ahead of the one the model is on: several queued keep the
+# decode workers busy whenever the model leaves a core free.
+LOOKAHEAD = 4
+
+
+def classify_in_batches(
+    paths: Sequence[Path],
+    checkpoint: Checkpoint,
+    pool: DecodePool,
+    rules: FaceRules,
+    batch_size: int,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    ahead: int = LOOKAHEAD,
+) -> Iterator[list[Outcome]]:
+    """classify_batch over `paths`, `batch_size` at a time and in order, with the decoding of the
+    next `ahead` batches under way while the model runs on one. For a fixed list of files
+    (--once, evaluation); the service forms its batches as files arrive."""
+    batches = (paths[i : i + batch_size] for i in range(0, len(paths), batch_size))
+    started = (start_batch(batch, checkpoint, pool, rules, max_bytes) for batch in batches)
+    in_flight = deque(itertools.islice(started, ahead))
+    while in_flight:
+        pending = in_flight.popleft()
+        in_flight.extend(itertools.islice(started, 1))
+        yield finish_batch(pending, checkpoint, pool)

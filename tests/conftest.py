@@ -74,19 +74,6 @@ def strictly_valid(data: bytes) -> object:
     return value
 
 
-def write_config(folder: Path, checkpoint: Path, **sections: dict) -> Path:
-    """A service config in `folder` with inbox/, done/, failed/, results/ created there; faces
-    are answered as ANSWER_EVERY_PICTURE unless a `faces` section is given."""
-    for name in ("inbox", "done", "failed", "results"):
-        (folder / name).mkdir(exist_ok=True)
-    sections.setdefault("faces", {"no_face": "answer"})
-    lines = [f"checkpoint: {checkpoint}", "logging: {format: json, level: info}"]
-    lines += [f"{name}: {values}" for name, values in sections.items()]
-    path = folder / "config.yaml"
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
 def run_cli(*args: str, cwd: Path | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     return subprocess.run(

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from bench.harness import ServiceProcess, drop
 from tests.conftest import image_bytes
-from tests.service_harness import ServiceProcess, drop
 
 
 @pytest.fixture

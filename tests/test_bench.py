@@ -2,8 +2,8 @@
 
 import json
 
+from bench import __main__ as bench
 from tests.conftest import image_bytes
-from watcher import bench
 
 
 def test_bench_without_the_service_reports_every_figure(tmp_path, tiny_checkpoint):

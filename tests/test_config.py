@@ -86,7 +86,7 @@ def test_service_paths_must_exist_and_be_writable(tmp_path, tiny_checkpoint):
 
 def test_a_section_with_every_key_commented_out_takes_the_defaults(tmp_path):
     cfg = configuration.load(write(tmp_path, "reload:\n  # poll_seconds: 30.0\n"))
-    assert cfg.reload == configuration.DEFAULTS["reload"]
+    assert cfg.reload == configuration.ReloadSettings()
 
 
 @pytest.mark.parametrize(

@@ -12,8 +12,8 @@ import time
 
 import pytest
 
+from bench.harness import ServiceProcess
 from tests.conftest import image_bytes, make_tiny_checkpoint, run_cli
-from tests.service_harness import ServiceProcess
 
 
 def corpus(count: int, seed: int = 0) -> dict[str, bytes]:

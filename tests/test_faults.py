@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-from tests.conftest import ROOT, image_bytes, make_tiny_checkpoint, write_config
+from bench.harness import write_config
+from tests.conftest import ROOT, image_bytes, make_tiny_checkpoint
 
 STEPS = ["journal_append", "results_replace", "fsync", "move", "rotate"]
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from bench.harness import ServiceProcess, drop
 from tests.conftest import image_bytes
-from tests.service_harness import ServiceProcess, drop
 
 
 def png(img: Image.Image, **kw) -> bytes:

@@ -7,8 +7,8 @@ import time
 
 import pytest
 
+from bench.harness import ServiceProcess, drop
 from tests.conftest import image_bytes
-from tests.service_harness import ServiceProcess, drop
 
 IMG = image_bytes()
 QUICK = 5  # seconds: far below the 30 s between full listings, so only the watch or the missing-inbox check can be this fast

@@ -7,8 +7,16 @@ import torch
 from torch import nn
 
 from model import checkpoint as ckpt
-from model.decode import CRASHED, DecodeCancelled, DecodePool
-from model.inference import classify_batch, finish_batch, mirror_averaged_logits, model_input, predict, start_batch
+from model.inference import (
+    classify_batch,
+    classify_in_batches,
+    finish_batch,
+    mirror_averaged_logits,
+    model_input,
+    predict,
+    start_batch,
+)
+from model.pool import CRASHED, DecodeCancelled, DecodePool
 from tests.conftest import ANSWER_EVERY_PICTURE, image_bytes, make_tiny_checkpoint
 from tests.crashing_decode import decode_or_die, decode_or_hang
 
@@ -32,6 +40,9 @@ def test_batch_keeps_order_and_reports_unreadable_files(tmp_path, tiny_checkpoin
     assert outcomes[4].error == "not an image (unrecognized format)" and outcomes[4].sha256
     one_by_one = [classify_batch([p], checkpoint, pool, ANSWER_EVERY_PICTURE)[0].prediction for p in paths]
     assert [o.prediction.label if o.prediction else None for o in outcomes] == [p.label if p else None for p in one_by_one]
+    batches = list(classify_in_batches(paths, checkpoint, pool, ANSWER_EVERY_PICTURE, batch_size=2, ahead=2))
+    assert [len(b) for b in batches] == [2, 2, 2, 2, 1]  # in order, however far ahead decoding runs
+    assert [o.prediction for b in batches for o in b] == [o.prediction for o in outcomes]
 
 
 def test_a_file_that_kills_its_decoder_fails_alone(tmp_path, tiny_checkpoint):

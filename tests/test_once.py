@@ -10,11 +10,12 @@ import pytest
 import yaml
 from PIL import Image
 
-from tests.conftest import SHARED_DATA, image_bytes, needs_shared_data, run_cli, strictly_valid, write_config
+from bench.harness import write_config
+from tests.conftest import SHARED_DATA, image_bytes, needs_shared_data, run_cli, strictly_valid
 from train.photos import background, compose
 from watcher import config as configuration
 from watcher.once import _settled
-from watcher.service import LOCK_NAME, ServiceError, instance_lock
+from watcher.startup import LOCK_NAME, StartupError, instance_lock
 
 
 def snapshot(folder):
@@ -128,7 +129,7 @@ def test_move_pass_keeps_an_uploaders_symlink_from_reaching_the_journal(tmp_path
 
 def test_the_lock_holds_against_a_second_taker_and_names_the_first(tmp_path, tiny_checkpoint):
     config = configuration.load(write_config(tmp_path, tiny_checkpoint))
-    taken_twice = pytest.raises(ServiceError, match=f"another gender-watcher \\(pid {os.getpid()}\\) is working")
+    taken_twice = pytest.raises(StartupError, match=f"another gender-watcher \\(pid {os.getpid()}\\) is working")
     with instance_lock(config), taken_twice, instance_lock(config):
         pass
     with instance_lock(config):  # released
@@ -151,7 +152,7 @@ def test_a_lock_file_replaced_by_a_symlink_is_refused(tmp_path, tiny_checkpoint)
     config = configuration.load(write_config(tmp_path, tiny_checkpoint))
     (tmp_path / "elsewhere").write_text("keep me")
     (config.journal.parent / LOCK_NAME).symlink_to(tmp_path / "elsewhere")
-    with pytest.raises(ServiceError, match="cannot open the lock file"), instance_lock(config):
+    with pytest.raises(StartupError, match="cannot open the lock file"), instance_lock(config):
         pass
     assert (tmp_path / "elsewhere").read_text() == "keep me"
 
@@ -193,7 +194,7 @@ def test_usage_and_config_errors_exit_2(tmp_path, tiny_checkpoint):
     broken = tmp_path / "broken.pt"
     broken.write_bytes(b"PK\x03\x04 truncated")
     proc = run_cli("--once", str(tmp_path), "--config", str(config_for(tmp_path, broken)))
-    assert proc.returncode == 2 and "broken.pt" in proc.stderr
+    assert proc.returncode == 2 and proc.stderr.count("broken.pt") == 1, proc.stderr  # said once, not twice
     proc = run_cli("--once", str(tmp_path), "--output", str(tmp_path / "no" / "r.json"))
     assert proc.returncode == 2 and "cannot write" in proc.stderr  # said before any file is classified
     proc = run_cli("--once", str(tmp_path), "--output", str(tmp_path))

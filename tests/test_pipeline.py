@@ -10,13 +10,15 @@ import time
 import pytest
 from PIL import Image, ImageOps
 
+from bench.harness import write_config
 from model import checkpoint as ckpt
 from model import decode
-from model.decode import DecodePool, decode_file
-from tests.conftest import image_bytes, tiny_preprocessing, write_config
+from model.decode import decode_file
+from model.pool import DecodePool
+from tests.conftest import image_bytes, tiny_preprocessing
 from watcher import config as configuration
 from watcher import log, pipeline
-from watcher.service import open_store
+from watcher.startup import open_store
 
 
 @pytest.fixture
@@ -35,12 +37,13 @@ def test_a_file_replaced_while_classified_is_left_for_intake(stage):
     photo, kept = config.inbox / "photo.jpg", config.inbox / "kept.jpg"
     photo.write_bytes(image_bytes(colour=(250, 250, 250)))
     kept.write_bytes(image_bytes())
-    pending = pipeline.start([photo, kept], model, pool, config)
+    flow = pipeline.Pipeline(config, pool, store)
+    pending = flow.start([photo, kept], model)
     pool.wait(pending)  # read and decoded; now an uploader renames a new photo over it
     new = image_bytes(colour=(0, 0, 255))
     (config.inbox / ".upload.part").write_bytes(new)
     os.rename(config.inbox / ".upload.part", photo)
-    records = pipeline.commit(pending, model, pool, store, config)
+    records = flow.commit(pending, model)
     assert [r["key"] for r in records] == ["kept.jpg"]  # no answer recorded for the new photo
     assert photo.read_bytes() == new and not (config.done / "photo.jpg").exists()
 
@@ -57,7 +60,7 @@ def test_a_file_deleted_before_its_move_does_not_stop_the_batch(stage):
         gone.unlink()
 
     store.commit = commit_then_delete
-    records = pipeline.commit(pipeline.start([gone, kept], model, pool, config), model, pool, store, config)
+    records = pipeline.Pipeline(config, pool, store).process([gone, kept], model)
     assert {r["key"] for r in records} == {"gone.jpg", "kept.jpg"}
     assert os.listdir(config.done) == ["kept.jpg"]
 
@@ -81,7 +84,7 @@ def test_an_entry_swapped_in_before_the_move_never_reaches_done(stage, intruder)
             photo.symlink_to("/etc/hostname")
 
     store.commit = commit_then_swap
-    records = pipeline.commit(pipeline.start([photo], model, pool, config), model, pool, store, config)
+    records = pipeline.Pipeline(config, pool, store).process([photo], model)
     assert [r["key"] for r in records] == ["photo.jpg"]
     assert os.listdir(config.done) == []
     assert sorted(os.listdir(config.inbox)) == [".hidden.jpg", "photo.jpg"]
@@ -108,7 +111,7 @@ def test_an_entry_swapped_in_that_cannot_be_moved_does_not_stop_the_batch(stage,
 
     store.commit = commit_then_swap
     monkeypatch.setattr(pipeline, "move_no_clobber", move)
-    records = pipeline.commit(pipeline.start([photo, kept], model, pool, config), model, pool, store, config)
+    records = pipeline.Pipeline(config, pool, store).process([photo, kept], model)
     assert {r["key"] for r in records} == {"photo.jpg", "kept.jpg"}
     assert os.listdir(config.done) == ["kept.jpg"] and photo.is_dir()
 

@@ -9,7 +9,7 @@ import torch
 
 from model import checkpoint as ckpt
 from tests.conftest import make_tiny_checkpoint
-from watcher import reload
+from watcher import log, reload
 from watcher.reload import Reloader, load_checked
 
 
@@ -102,3 +102,31 @@ def test_a_watch_that_cannot_be_set_up_leaves_polling_to_retry(tmp_path, monkeyp
     reloader.poll()  # watches now, and sees the change
     assert reloader.poll() and collect(reloader).version == second
     reloader.stop_watching()
+
+
+def test_step_loads_a_changed_file_once_it_holds_still_and_says_when_to_be_asked_again(tmp_path):
+    path = tmp_path / "model.pt"
+    make_tiny_checkpoint(path, seed=1)
+    reloader = Reloader(path, "auto", ckpt.load(path), poll_seconds=30.0)
+    now = time.monotonic()
+    assert reloader.step(now) == (None, pytest.approx(now + 30.0, abs=1.0))  # nothing due yet
+    second = make_tiny_checkpoint(tmp_path / "new.pt", seed=2)
+    os.rename(tmp_path / "new.pt", path)
+    reloader.hinted = True  # as the folder watch does
+    model, again = reloader.step(now)
+    assert model is None and again == now + reload.RECHECK_SECONDS  # soon, not in 30 s
+    deadline = time.monotonic() + 10
+    while model is None and time.monotonic() < deadline:
+        model, _ = reloader.step(max(again, time.monotonic()))
+        time.sleep(0.01)
+    assert model is not None and model.version == second
+
+
+def test_step_on_sighup_for_a_missing_file_logs_the_refusal(tmp_path, capsys):
+    path = tmp_path / "model.pt"
+    make_tiny_checkpoint(path, seed=1)
+    reloader = Reloader(path, "auto", ckpt.load(path))
+    path.unlink()
+    log.setup("info", "json")
+    assert reloader.step(time.monotonic(), sighup=True)[0] is None
+    assert "reload_refused" in capsys.readouterr().err

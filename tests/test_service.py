@@ -10,9 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from bench.harness import ServiceProcess, child_pids, decode_worker_pids, drop
 from tests.conftest import image_bytes, make_tiny_checkpoint
-from tests.service_harness import ServiceProcess, drop
-from watcher.bench import child_pids, decode_worker_pids
 
 IMG = image_bytes()
 

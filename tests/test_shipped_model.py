@@ -7,7 +7,7 @@ import pytest
 
 import model
 from model import checkpoint as ckpt
-from model.decode import DecodePool
+from model.pool import DecodePool
 from model.precision import uses_bfloat16
 from tests.conftest import ROOT, SHARED_DATA, needs_shared_data
 from train.evaluate import evaluate_folder

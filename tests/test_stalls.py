@@ -8,9 +8,8 @@ from itertools import pairwise
 
 import pytest
 
+from bench.harness import ServiceProcess, decode_worker_pids, drop
 from tests.conftest import image_bytes, slow_jpeg
-from tests.service_harness import ServiceProcess, drop
-from watcher.bench import decode_worker_pids
 from watcher.service import STOP_GRACE
 
 IMG = image_bytes()

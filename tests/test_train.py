@@ -3,6 +3,7 @@
 import json
 import os
 import random
+import shutil
 
 import pytest
 from PIL import Image, ImageDraw
@@ -12,9 +13,10 @@ from model.network import GenderNet
 from tests.conftest import TINY_SPEC, image_bytes
 from train.__main__ import main as train_main
 from train.__main__ import parse_args
-from train.data import find_labeled_images
+from train.data import TrainingError, find_labeled_images
 from train.evaluate import main as evaluate_main
 from train.metrics import equal_recall_threshold, format_summary, summarize
+from train.report import nice_ticks
 
 
 def make_faces(root, per_class=80, seed=0):
@@ -61,6 +63,16 @@ def test_smoke_run_writes_a_loadable_checkpoint_and_report(trained):
     assert loaded.meta["test_accuracy"]["all"] == summary["test"]["all"]["accuracy"]
     assert [line.split(":")[0] for line in summary["dev"]["faces"]["unreadable"]] == [str(data / "male" / "broken.jpg")]
     assert Image.open(report / "curves.png").size[0] > 100
+    assert all(set(h["dev_acc"]) == {"faces"} for h in summary["history"])  # the dev set drawn at every epoch
+    last = summary["history"][summary["best_epoch"] - 1]["dev_acc"]["faces"]
+    assert 0 <= last <= 1
+
+
+def test_curve_ticks_are_round_and_span_the_values():
+    assert nice_ticks(0.0775, 0.2505) == [0.05, 0.1, 0.15, 0.2, 0.25, 0.3]
+    assert nice_ticks(0.9308, 0.9778) == [0.92, 0.94, 0.96, 0.98]
+    flat = nice_ticks(0.5, 0.5)  # one value: a range around it, not a division by zero
+    assert flat[0] < 0.5 < flat[-1]
 
 
 def test_smoke_run_learns_the_easy_task(trained):
@@ -75,15 +87,32 @@ def test_evaluate_prints_accuracy_and_confusion(trained, capsys):
     assert "accuracy" in text and "per class: female" in text and "confusion" in text and "broken.jpg" in text
 
 
+def test_evaluate_report_lists_and_shows_the_mistakes_and_keeps_the_pictures_out_of_git(trained, tmp_path):
+    _, data, out = trained
+    swapped = tmp_path / "swapped"  # every label wrong: the files the model gets right become mistakes
+    for label, other in (("female", "male"), ("male", "female")):
+        shutil.copytree(data / label, swapped / other)
+    report = tmp_path / "report"
+    assert evaluate_main([str(swapped), "--checkpoint", str(out), "--report", str(report)]) == 0
+    mistakes = [json.loads(line) for line in (report / "swapped-mistakes.jsonl").read_text().splitlines()]
+    assert len(mistakes) > 100 and all(m["truth"] != m["answer"] for m in mistakes)
+    assert all(m["box"] and len(m["box"]) == 4 for m in mistakes)
+    assert Image.open(report / "swapped-confusion.png").size[0] > 100
+    sheet = Image.open(report / "pictures" / "swapped-mistakes.jpg")
+    assert sheet.size[0] > 500 and sheet.size[1] > 100
+    assert (report / "pictures" / ".gitignore").read_text().splitlines()[-1] == "*"
+    assert str(swapped) in (report / "summary.md").read_text()
+
+
 def test_missing_or_empty_class_folder_is_a_clear_error(tmp_path):
     (tmp_path / "female").mkdir()
     (tmp_path / "female" / "a.jpg").write_bytes(b"x")
-    with pytest.raises(SystemExit, match="male is missing"):
+    with pytest.raises(TrainingError, match="male is missing"):
         find_labeled_images(tmp_path, ["female", "male"])
     (tmp_path / "male").mkdir()
-    with pytest.raises(SystemExit, match="holds no images"):
+    with pytest.raises(TrainingError, match="holds no images"):
         find_labeled_images(tmp_path, ["female", "male"])
-    with pytest.raises(SystemExit, match="does not exist"):
+    with pytest.raises(TrainingError, match="does not exist"):
         find_labeled_images(tmp_path / "nowhere", ["female", "male"])
 
 
@@ -108,14 +137,14 @@ def test_arguments_that_would_fail_after_training_are_refused_first(tmp_path, ca
     assert "not a writable folder" in capsys.readouterr().err
 
 
-def test_a_class_without_readable_images_stops_training(tmp_path):
+def test_a_class_without_readable_images_stops_training(tmp_path, capsys):
     for name in ("female", "male"):
         (tmp_path / name).mkdir()
     for i in range(4):
         (tmp_path / "female" / f"{i}.jpg").write_bytes(image_bytes(colour=(i * 40, 100, 100)))
         (tmp_path / "male" / f"{i}.jpg").write_bytes(b"not an image")
-    with pytest.raises(SystemExit, match="no readable images of class male"):
-        train_main(["--data", str(tmp_path), "--out", str(tmp_path / "m.pt"), "--batch-size", "2"])
+    assert train_main(["--data", str(tmp_path), "--out", str(tmp_path / "m.pt"), "--batch-size", "2"]) == 1
+    assert "error: no readable images of class male" in capsys.readouterr().err
 
 
 def test_symlinked_training_images_are_read_through_their_targets(tmp_path):
@@ -166,12 +195,12 @@ def test_equal_recall_threshold():
     assert equal_recall_threshold([-1.0, 1.0], [0, 1]) == 0.0  # already equal: no shift
 
 
-def test_a_diverging_run_stops_and_leaves_the_old_checkpoint(tmp_path):
+def test_a_diverging_run_stops_and_leaves_the_old_checkpoint(tmp_path, capsys):
     data = make_faces(tmp_path / "faces", per_class=40)
     out = tmp_path / "m.pt"
     out.write_bytes(b"the previous checkpoint")
     args = ["--data", str(data), "--out", str(out), "--epochs", "2", "--size", "32", "32", "--widths", "8", "16"]
     args += ["--stem-width", "8", "--batch-size", "16", "--threads", "1", "--lr", "1e30"]
-    with pytest.raises(SystemExit, match="diverged in epoch 1"):
-        train_main(args)
+    assert train_main(args) == 1
+    assert "diverged in epoch 1" in capsys.readouterr().err
     assert out.read_bytes() == b"the previous checkpoint"

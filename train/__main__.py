@@ -17,6 +17,7 @@ import os
 import shlex
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -31,11 +32,54 @@ from model.precision import autocast, uses_bfloat16
 from model.preprocess import InputSpec, normalize
 from model.progress import Progress
 from train.augment import augment
-from train.data import TRAINING_RULES, Dataset, find_labeled_images, group_of, load_dataset, sampling_weights, source_of, split
+from train.data import (
+    TRAINING_RULES,
+    Dataset,
+    TrainingError,
+    find_labeled_images,
+    group_of,
+    load_dataset,
+    sampling_weights,
+    source_of,
+    split,
+)
 from train.metrics import equal_recall_threshold, format_summary, summarize, summarize_groups
 from train.report import write_report
 
 CLASS_NAMES = ["female", "male"]
+
+
+@dataclass
+class DevSet:
+    """A --dev folder with its faces cut once, exactly as served; a picture without a face is an
+    answer missed, and counts as wrong."""
+
+    name: str
+    labeled: list[tuple[Path, int]]
+    faces: Dataset
+    no_face: list[int]  # true classes of the pictures in which no face was found
+    unreadable: list[str]
+
+    @classmethod
+    def load(cls, folder: Path, serving: Preprocessing) -> DevSet:
+        labeled = find_labeled_images(folder, CLASS_NAMES)
+        faces, skipped = load_dataset(labeled, serving)
+        label_of = dict(labeled)
+        no_face = [label_of[p] for p, r in skipped if r == NO_FACE]
+        return cls(folder.name, labeled, faces, no_face, [f"{p}: {r}" for p, r in skipped if r != NO_FACE])
+
+    def score(self, model: torch.nn.Module, spec: InputSpec, precision: str) -> tuple[dict, dict]:
+        """Accuracy overall and per class, and by group where the file names tell one."""
+        predicted = evaluate(model, self.faces, spec, precision)[1]
+        summary = summarize(self.faces.labels.tolist(), predicted, CLASS_NAMES, self.no_face)
+        answers = dict(zip(self.faces.paths, predicted, strict=True))
+        groups = summarize_groups(
+            [label for _, label in self.labeled],
+            [answers.get(p) for p, _ in self.labeled],
+            [group_of(p) for p, _ in self.labeled],
+            CLASS_NAMES,
+        )
+        return summary | {"unreadable": self.unreadable}, groups
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -45,7 +89,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         epilog="example (the shipped checkpoint's command is in model/gender-watcher-report/summary.md):\n"
         "  python -m train --data ../shared/data/faces --out model/gender-watcher.pt --dev ../shared/data/other/lfw\n"
-        "exit status: 0 written; 2 usage error; 1 or a message for data that cannot be trained on",
+        "exit status: 0 written; 1 data that cannot be trained on (said in one line); 2 usage error",
     )
     p.add_argument("--data", required=True, type=Path, help="folder with female/ and male/")
     p.add_argument("--out", required=True, type=Path, help="checkpoint file to write")
@@ -88,7 +132,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for folder in args.dev:
         try:
             find_labeled_images(folder, CLASS_NAMES)
-        except SystemExit as exc:
+        except TrainingError as exc:
             p.error(f"--dev {folder}: {exc}")
     if args.out.is_dir():
         p.error(f"--out {args.out} is a folder; give the checkpoint's file name")
@@ -187,6 +231,14 @@ def train_epoch(
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    try:
+        return train(args, sys.argv[1:] if argv is None else argv)
+    except TrainingError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+def train(args: argparse.Namespace, argv: list[str]) -> int:
     started = time.monotonic()
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
@@ -202,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"skipped {path}: {reason}", file=sys.stderr)
     for label, name in enumerate(CLASS_NAMES):
         if not (data.labels == label).any():
-            raise SystemExit(f"no readable images of class {name} in {args.data / name} ({len(skipped)} files skipped)")
+            raise TrainingError(f"no readable images of class {name} in {args.data / name} ({len(skipped)} files skipped)")
     found = {how: data.hows.count(how) for how in sorted(set(data.hows))}
     print(
         f"decoded {len(data.labels)} images ({', '.join(f'{n} {how}' for how, n in found.items())}), "
@@ -213,10 +265,13 @@ def main(argv: list[str] | None = None) -> int:
         f"split (seed {args.seed}): train {len(train_set.labels)}, validation {len(val_set.labels)}, test {len(test_set.labels)}"
     )
     if len(train_set.labels) < args.batch_size or not len(val_set.labels) or not len(test_set.labels):
-        raise SystemExit(
+        raise TrainingError(
             f"too few images to train: {len(data.labels)} give a training split of {len(train_set.labels)}, "
             f"smaller than one batch ({args.batch_size}), or an empty validation or test split"
         )
+
+    # Cut once, before training: every epoch's curve shows them, and the end scores them as served.
+    dev_sets = [DevSet.load(folder, Preprocessing(chip, detector, FaceRules())) for folder in args.dev]
 
     arch_args = {"stem_width": args.stem_width, "widths": list(args.widths)}
     model = GenderNet(**arch_args, num_classes=len(CLASS_NAMES))
@@ -246,11 +301,19 @@ def main(argv: list[str] | None = None) -> int:
         )
         val_loss, val_pred = evaluate(model, val_set, spec, args.precision)
         val_acc = summarize(val_set.labels.tolist(), val_pred, CLASS_NAMES)["accuracy"]
+        dev_acc = {d.name: d.score(model, spec, args.precision)[0]["accuracy"] for d in dev_sets}
         history.append(
-            {"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc, "val_loss": val_loss, "val_acc": val_acc}
+            {
+                "epoch": epoch,
+                "train_loss": train_loss,
+                "train_acc": train_acc,
+                "val_loss": val_loss,
+                "val_acc": val_acc,
+                "dev_acc": dev_acc,
+            }
         )
         if not (math.isfinite(train_loss) and math.isfinite(val_loss)):
-            raise SystemExit(
+            raise TrainingError(
                 f"training diverged in epoch {epoch} (train loss {train_loss}, validation loss {val_loss}); "
                 f"{args.out} was not written. A lower --lr may help."
             )
@@ -258,7 +321,9 @@ def main(argv: list[str] | None = None) -> int:
             best = (epoch, val_loss, copy.deepcopy(model.state_dict()))
         print(
             f"epoch {epoch}: train loss {train_loss:.4f} acc {train_acc:.2%} | "
-            f"val loss {val_loss:.4f} acc {val_acc:.2%} | {time.monotonic() - started:.0f}s",
+            f"val loss {val_loss:.4f} acc {val_acc:.2%} | "
+            + "".join(f"dev {name} {acc:.2%} | " for name, acc in dev_acc.items() if acc is not None)
+            + f"{time.monotonic() - started:.0f}s",
             flush=True,
         )
 
@@ -274,25 +339,14 @@ def main(argv: list[str] | None = None) -> int:
     test_groups = summarize_groups(truth, test_pred, [group_of(p) for p in test_set.paths], CLASS_NAMES)
     print(format_summary("test split", test["all"], CLASS_NAMES))
     dev, dev_groups = {}, {}
-    serving = Preprocessing(chip, detector, FaceRules())
-    for folder in args.dev:
-        labeled = find_labeled_images(folder, CLASS_NAMES)
-        dev_set, unreadable = load_dataset(labeled, serving)
-        dev_truth, dev_pred = dev_set.labels.tolist(), evaluate(model, dev_set, spec, args.precision)[1]
-        label_of = dict(labeled)
-        no_face = [label_of[p] for p, r in unreadable if r == NO_FACE]
-        dev[folder.name] = summarize(dev_truth, dev_pred, CLASS_NAMES, no_face)
-        dev[folder.name]["unreadable"] = [f"{p}: {r}" for p, r in unreadable if r != NO_FACE]
-        answers = dict(zip(dev_set.paths, dev_pred, strict=True))
-        dev_groups[folder.name] = summarize_groups(
-            [label for _, label in labeled], [answers.get(p) for p, _ in labeled], [group_of(p) for p, _ in labeled], CLASS_NAMES
-        )
-        print(format_summary(f"dev {folder}", dev[folder.name], CLASS_NAMES))
-        for line in dev[folder.name]["unreadable"]:
+    for dev_set in dev_sets:
+        dev[dev_set.name], dev_groups[dev_set.name] = dev_set.score(model, spec, args.precision)
+        print(format_summary(f"dev {dev_set.name}", dev[dev_set.name], CLASS_NAMES))
+        for line in dev_set.unreadable:
             print(f"  unreadable: {line}")
 
     summary = {
-        "command": "python -m train " + shlex.join(sys.argv[1:] if argv is None else argv),
+        "command": "python -m train " + shlex.join(argv),
         "data": str(args.data),
         "seed": args.seed,
         "init": args.init_payload["version"] if args.init is not None else None,

@@ -11,13 +11,18 @@ from pathlib import Path
 
 import torch
 
-from model.decode import Decoded, DecodePool
+from model.decode import Decoded
 from model.faces import FaceRules, Preprocessing
+from model.pool import DecodePool
 from model.preprocess import to_batch
 from model.progress import Progress
 
 CHUNK = 512  # files per decoding task: few round trips, a smooth progress bar
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+class TrainingError(Exception):
+    """Labeled data that cannot be trained on or scored, said in one sentence."""
 
 
 # Training takes each labeled picture's largest face, and a picture without a face found whole.
@@ -84,16 +89,16 @@ def find_labeled_images(root: str | Path, class_names: list[str]) -> list[tuple[
     the owner's own), and the target's name is what source_of sees."""
     root = Path(root)
     if not root.is_dir():
-        raise SystemExit(f"data folder {root} does not exist")
+        raise TrainingError(f"data folder {root} does not exist")
     found = []
     for label, name in enumerate(class_names):
         folder = root / name
         if not folder.is_dir():
-            raise SystemExit(f"class folder {folder} is missing (expected {', '.join(class_names)} under {root})")
+            raise TrainingError(f"class folder {folder} is missing (expected {', '.join(class_names)} under {root})")
         listed = [p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()]
         files = sorted({p.resolve() if p.is_symlink() else p.absolute() for p in listed})  # a link beside its target: once
         if not files:
-            raise SystemExit(f"class folder {folder} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+            raise TrainingError(f"class folder {folder} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
         found += [(p, label) for p in files]
     return found
 

@@ -1,9 +1,10 @@
-"""python -m train.evaluate DIR [DIR ...] [--checkpoint FILE]: accuracy of a checkpoint on labeled folders.
+"""python -m train.evaluate DIR [DIR ...] [--checkpoint FILE] [--report DIR]: accuracy of a checkpoint on labeled folders.
 
 Each DIR holds female/ and male/. Files go through exactly the serving path (model.inference:
 face detection, alignment, the main face's answer), so the numbers are what the service would
 answer; a picture in which no face is found counts as wrong. Accuracy is also given by group where
-the file names tell one (UTKFace's race field, IMFDB's actor).
+the file names tell one (UTKFace's race field, IMFDB's actor). --report writes the same figures
+as pictures and a page, with the files it got wrong (train.report.write_evaluation_report).
 """
 
 from __future__ import annotations
@@ -17,37 +18,52 @@ from pathlib import Path
 import model
 from model import PRECISIONS
 from model import checkpoint as ckpt
-from model.decode import DecodePool
 from model.faces import NO_FACE, FaceRules
-from model.inference import classify_batch
+from model.inference import classify_in_batches
+from model.pool import DecodePool
 from model.progress import Progress
-from train.data import find_labeled_images, group_of
+from train.data import TrainingError, find_labeled_images, group_of
 from train.metrics import format_summary, percent, summarize, summarize_groups
+from train.report import write_evaluation_report
 
 
 def evaluate_folder(folder: Path, checkpoint: ckpt.Checkpoint, pool: DecodePool, batch_size: int = 256) -> dict:
+    """Accuracy overall, per class and by group, the files that could not be read, and `mistakes`:
+    every picture answered wrongly or without a face found (file, truth, answer, probability, box)."""
     items = find_labeled_images(folder, checkpoint.class_names)
-    truth, predicted, failed, no_face = [], [], [], []
+    truth, predicted, failed, no_face, mistakes = [], [], [], [], []
     answers: list[int | None] = []
     progress = Progress(len(items), f"evaluating {folder.name}")
-    for start in range(0, len(items), batch_size):
-        chunk = items[start : start + batch_size]
-        for (path, label), outcome in zip(
-            chunk, classify_batch([p for p, _ in chunk], checkpoint, pool, FaceRules()), strict=True
-        ):
+    label_of = dict(items)
+    for outcomes in classify_in_batches(list(label_of), checkpoint, pool, FaceRules(), batch_size):
+        for outcome in outcomes:
+            path, label = outcome.path, label_of[outcome.path]
+            mistake = {
+                "file": str(path),
+                "truth": checkpoint.class_names[label],
+                "answer": None,
+                "probability": None,
+                "box": None,
+            }
             if outcome.prediction is None:
                 answers.append(None)
                 if outcome.error == NO_FACE:
                     no_face.append(label)
+                    mistakes.append(mistake)
                 else:
                     failed.append(f"{path}: {outcome.error}")
                 continue
             truth.append(label)
             predicted.append(checkpoint.class_names.index(outcome.prediction.label))
             answers.append(predicted[-1])
-        progress.advance(len(chunk))
+            if predicted[-1] != label:
+                main_face = outcome.faces[0]
+                mistake |= {"answer": main_face.prediction.label, "probability": main_face.prediction.probability}
+                mistakes.append(mistake | {"box": list(main_face.box)})
+        progress.advance(len(outcomes))
     groups = summarize_groups([label for _, label in items], answers, [group_of(p) for p, _ in items], checkpoint.class_names)
-    return summarize(truth, predicted, checkpoint.class_names, no_face) | {"unreadable": failed, "groups": groups}
+    summary = summarize(truth, predicted, checkpoint.class_names, no_face)
+    return summary | {"unreadable": failed, "groups": groups, "mistakes": mistakes}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,14 +78,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--checkpoint", type=Path, default=model.DEFAULT_CHECKPOINT, help="checkpoint to measure")
     p.add_argument("--precision", choices=PRECISIONS, default="auto", help="forward-pass precision (auto: bfloat16 where fast)")
     p.add_argument("--json", type=Path, help="also write the results as JSON here")
+    p.add_argument(
+        "--report",
+        type=Path,
+        metavar="DIR",
+        help="also write a report to DIR: summary.md, a confusion matrix per folder, and the files it got wrong "
+        "(list and contact sheet; the sheets are kept out of git, as the data's terms may forbid sharing its pictures)",
+    )
     args = p.parse_args(argv)
     if args.json and not args.json.absolute().parent.is_dir():
         p.error(f"--json {args.json}: its folder does not exist")
+    if args.report and ((args.report.exists() and not args.report.is_dir()) or not args.report.absolute().parent.is_dir()):
+        p.error(f"--report {args.report}: it must be a folder, in one that exists")
     try:
         checkpoint = ckpt.load(args.checkpoint, args.precision)
     except ckpt.CheckpointError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    for folder in args.folders:
+        try:
+            find_labeled_images(folder, checkpoint.class_names)
+        except TrainingError as exc:
+            p.error(str(exc))
     print(f"checkpoint {args.checkpoint} (version {checkpoint.version})")
     results = {}
     with DecodePool(os.cpu_count() or 1) as pool:
@@ -83,6 +113,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  unreadable: {line}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
+    if args.report:
+        write_evaluation_report(args.report, results, checkpoint.class_names, str(args.checkpoint), checkpoint.version)
+        print(f"wrote {args.report / 'summary.md'}")
     empty = [folder for folder, r in results.items() if not r["count"]]
     if empty:
         print(f"error: no readable image to score in {', '.join(empty)}", file=sys.stderr)

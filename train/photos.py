@@ -21,10 +21,10 @@ from PIL import Image, ImageDraw, ImageFilter
 
 import model
 from model import checkpoint as ckpt
-from model.decode import DecodePool
 from model.faces import FaceRules
-from model.inference import classify_batch
-from train.data import find_labeled_images
+from model.inference import Outcome, classify_in_batches
+from model.pool import DecodePool
+from train.data import TrainingError, find_labeled_images
 
 Box = tuple[int, int, int, int]  # left, top, width, height
 
@@ -84,19 +84,14 @@ def measure(folder: Path, checkpoint: ckpt.Checkpoint, pool: DecodePool, picture
             paths.append(_jpeg(img, work / f"photo{i:04d}.jpg"))
             layouts.append(list(zip(group, boxes, strict=True)))
         empty = [_jpeg(background((1600, 1200), rng), work / f"empty{i:04d}.jpg") for i in range(pictures)]
-        crops = {}
+
+        def classify(files: list[Path], batch_size: int) -> list[Outcome]:
+            return [o for batch in classify_in_batches(files, checkpoint, pool, rules, batch_size) for o in batch]
+
         crop_paths = sorted({p for layout in layouts for (p, _), _ in layout})
-        for start in range(0, len(crop_paths), 256):
-            chunk = crop_paths[start : start + 256]
-            crops.update(zip(chunk, classify_batch(chunk, checkpoint, pool, rules), strict=True))
-        outcomes = [
-            o for start in range(0, len(paths), 64) for o in classify_batch(paths[start : start + 64], checkpoint, pool, rules)
-        ]
-        given_a_face = sum(
-            bool(o.faces)
-            for start in range(0, len(empty), 64)
-            for o in classify_batch(empty[start : start + 64], checkpoint, pool, rules)
-        )
+        crops = dict(zip(crop_paths, classify(crop_paths, 256), strict=True))
+        outcomes = classify(paths, 64)
+        given_a_face = sum(bool(o.faces) for o in classify(empty, 64))
     faces = found = right_in_photo = right_as_crop = 0
     for layout, outcome in zip(layouts, outcomes, strict=True):
         for (path, label), box in layout:
@@ -129,6 +124,11 @@ def main(argv: list[str] | None = None) -> int:
     except ckpt.CheckpointError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    for folder in args.folders:
+        try:
+            find_labeled_images(folder, checkpoint.class_names)
+        except TrainingError as exc:
+            p.error(str(exc))
     with DecodePool(os.cpu_count() or 1) as pool:
         for folder in args.folders:
             r = measure(folder, checkpoint, pool, args.pictures, args.seed)

@@ -64,11 +64,11 @@ def main(argv: list[str] | None = None) -> int:
     except configuration.ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
-    log.setup(config.logging["level"], config.logging["format"])
+    log.setup(config.logging.level, config.logging.format)
     logger = log.get()
     # Imported here: they import torch (and PIL), which would make --help and config errors slow.
     from model.checkpoint import CheckpointError
-    from watcher import once, pipeline, service
+    from watcher import once, pipeline, service, startup
 
     try:
         if args.once is None:
@@ -99,9 +99,8 @@ def main(argv: list[str] | None = None) -> int:
                 return 2
         with pipeline.decode_pool(config) as pool:
             return once.classify_folder(args.once, output, config, pool, details=args.details)
-    except (configuration.ConfigError, CheckpointError, service.ServiceError) as exc:
-        logger.error("cannot_start", reason=str(exc))
-        print(f"error: {exc}", file=sys.stderr)
+    except (configuration.ConfigError, CheckpointError, startup.StartupError) as exc:
+        logger.error("cannot_start", reason=str(exc))  # one message: the log goes to stderr too
         return 2
     except Exception as exc:
         logger.exception("fatal", reason=f"{type(exc).__name__}: {exc}")

@@ -7,7 +7,7 @@ same values as DEFAULTS below (a test keeps them equal).
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +16,53 @@ import yaml
 import model
 from model.faces import NO_FACE_CHOICES, FaceRules
 
+
+@dataclass(frozen=True)
+class BatchSettings:
+    max_size: int = 64
+    max_wait_ms: int = 20
+    decode_processes: int = 2
+    decode_idle_seconds: float = 60.0
+    decode_seconds: float = 10.0
+    decode_memory_mb: int = 1024
+    torch_threads: int = 1
+    precision: str = "auto"
+
+
+@dataclass(frozen=True)
+class IntakeSettings:
+    watch: bool = True
+    settle_seconds: float = 1.0
+    rescan_seconds: float = 30.0
+    max_file_bytes: int = model.DEFAULT_MAX_BYTES
+
+
+@dataclass(frozen=True)
+class RotationSettings:
+    max_bytes: int = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ReloadSettings:
+    poll_seconds: float = 30.0
+
+
+@dataclass(frozen=True)
+class LoggingSettings:
+    level: str = "info"
+    format: str = "auto"
+    answers: str = "info"
+
+
+# The config file's sections and the settings each becomes; `faces` are model.faces.FaceRules.
+SECTIONS = {
+    "batch": BatchSettings,
+    "intake": IntakeSettings,
+    "faces": FaceRules,
+    "rotation": RotationSettings,
+    "reload": ReloadSettings,
+    "logging": LoggingSettings,
+}
 PATH_KEYS = ("inbox", "done", "failed", "results", "journal")  # resolved; the checkpoint path is not (below)
 DEFAULTS: dict[str, Any] = {
     "inbox": "inbox",
@@ -24,22 +71,7 @@ DEFAULTS: dict[str, Any] = {
     "results": "results/process_results.json",
     "journal": "results/journal.jsonl",
     "checkpoint": str(model.DEFAULT_CHECKPOINT),
-    "batch": {
-        "max_size": 64,
-        "max_wait_ms": 20,
-        "decode_processes": 2,
-        "decode_idle_seconds": 60.0,
-        "decode_seconds": 10.0,
-        "decode_memory_mb": 1024,
-        "torch_threads": 1,
-        "precision": "auto",
-    },
-    "intake": {"watch": True, "settle_seconds": 1.0, "rescan_seconds": 30.0, "max_file_bytes": model.DEFAULT_MAX_BYTES},
-    "faces": {"min_face_pixels": 20, "max_faces": 10, "no_face": "fail"},
-    "rotation": {"max_bytes": 1024 * 1024},
-    "reload": {"poll_seconds": 30.0},
-    "logging": {"level": "info", "format": "auto", "answers": "info"},
-}
+} | {name: asdict(settings()) for name, settings in SECTIONS.items()}
 CHOICES = {
     "batch.precision": model.PRECISIONS,
     "logging.level": ("debug", "info", "warning", "error"),
@@ -69,23 +101,21 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class Config:
+    """The whole configuration, read and checked once (load) and passed to whoever needs it."""
+
     inbox: Path
     done: Path
     failed: Path
     results: Path
     journal: Path
     checkpoint: Path
-    batch: dict[str, Any]
-    intake: dict[str, Any]
-    faces: dict[str, Any]
-    rotation: dict[str, Any]
-    reload: dict[str, Any]
-    logging: dict[str, Any]
+    batch: BatchSettings
+    intake: IntakeSettings
+    faces: FaceRules
+    rotation: RotationSettings
+    reload: ReloadSettings
+    logging: LoggingSettings
     source: str  # where it came from, for messages
-
-    @property
-    def face_rules(self) -> FaceRules:
-        return FaceRules(**self.faces)
 
 
 def _merge(defaults: dict, given: dict, prefix: str, source: str) -> dict:
@@ -135,6 +165,8 @@ def load(path: str | Path | None = None) -> Config:
     # The checkpoint keeps its own name, a symlink included: pointing that symlink at another file
     # is a new checkpoint to reload, which a path resolved once at start would never see.
     values["checkpoint"] = Path(os.path.normpath(base / os.path.expanduser(values["checkpoint"])))
+    for name, settings in SECTIONS.items():
+        values[name] = settings(**values[name])
     return Config(**values, source=source)
 
 

@@ -8,6 +8,7 @@ import sys
 import structlog
 
 from model.files import readable_name
+from model.progress import stderr_lines
 
 
 def _readable_strings(_logger: object, _method: str, event: dict) -> dict:
@@ -28,7 +29,7 @@ def setup(level: str = "info", fmt: str = "auto") -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping()[level.upper()]),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(file=stderr_lines),  # never inside a progress bar
         cache_logger_on_first_use=False,
     )
 

@@ -6,29 +6,23 @@ the inbox (see watcher.service).
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import time
-from collections import deque
 from pathlib import Path
 
 import torch
 
 from model import checkpoint as ckpt
-from model.decode import DecodePool
 from model.files import readable_name, write_atomic
-from model.inference import Outcome, finish_batch, start_batch
+from model.inference import Outcome, classify_in_batches
+from model.pool import DecodePool
 from model.progress import Progress
-from watcher import log
-from watcher.config import Config, check_service_paths
+from watcher import log, startup
+from watcher.config import Config
 from watcher.intake import is_waiting_name
-from watcher.pipeline import process_batch
+from watcher.pipeline import Pipeline
 from watcher.results import encode_results
-from watcher.service import instance_lock, open_store
-
-# Batches whose decoding is under way ahead of the one the model is on.
-LOOKAHEAD = 4
 
 
 def candidate_files(folder: Path) -> list[Path]:
@@ -55,8 +49,8 @@ def classify_folder(folder: Path, output: Path, config: Config, pool: DecodePool
     """Write {name: label} (the main face's label) for every image with a face in `folder` to
     `output`, and with `details` one JSON line per file; 1 if any file failed."""
     logger = log.get()
-    checkpoint = ckpt.load(config.checkpoint, config.batch["precision"])
-    torch.set_num_threads(config.batch["torch_threads"])
+    checkpoint = ckpt.load(config.checkpoint, config.batch.precision)
+    torch.set_num_threads(config.batch.torch_threads)
     # `--once .` writes its results into the folder itself: that file is not one to classify
     own_output = output.name if output.absolute().parent.resolve() == folder.resolve() else None
     listed, subfolders = list_folder(folder)
@@ -69,24 +63,17 @@ def classify_folder(folder: Path, output: Path, config: Config, pool: DecodePool
     results: dict[str, str] = {}
     failures = 0
     progress = Progress(len(files), "classifying")
-    size, max_bytes = config.batch["max_size"], config.intake["max_file_bytes"]
-    batches = [files[i : i + size] for i in range(0, len(files), size)]
-    started = (start_batch(batch, checkpoint, pool, config.face_rules, max_bytes) for batch in batches)
+    size, max_bytes = config.batch.max_size, config.intake.max_file_bytes
     lines: list[str] = []
-    # Later batches decode while the model runs on this one; several queued keep the decode
-    # workers busy whenever the model leaves a core free.
-    in_flight = deque(itertools.islice(started, LOOKAHEAD))
-    while in_flight:
-        pending = in_flight.popleft()
-        in_flight.extend(itertools.islice(started, 1))
-        for outcome in finish_batch(pending, checkpoint, pool):
+    for outcomes in classify_in_batches(files, checkpoint, pool, config.faces, size, max_bytes):
+        for outcome in outcomes:
             lines.append(details_line(outcome, checkpoint.version))
             if outcome.prediction:
                 results[outcome.path.name] = outcome.prediction.label
             else:
                 failures += 1
                 logger.warning("failed", file=outcome.path.name, reason=outcome.error)
-        progress.advance(len(pending.paths))
+        progress.advance(len(outcomes))
     write_atomic(output, encode_results(dict(sorted(results.items()))))
     if details is not None:
         write_atomic(details, "".join(lines).encode())
@@ -109,22 +96,16 @@ def drain_inbox(config: Config, pool: DecodePool) -> int:
     `intake.settle_seconds` may still be being written and wait for the next pass; an mtime in
     the future says nothing about that, so such a file is taken."""
     logger = log.get()
-    check_service_paths(config)
-    torch.set_num_threads(config.batch["torch_threads"])
+    torch.set_num_threads(config.batch.torch_threads)
     failures = handled = 0
-    with instance_lock(config):
-        checkpoint = ckpt.load(config.checkpoint, config.batch["precision"])
-        store = open_store(config)
-        try:
-            now, settle = time.time(), config.intake["settle_seconds"]
-            ready = [p for p in candidate_files(config.inbox) if not is_waiting_name(p.name) and _settled(p, now, settle)]
-            logger.info("once_start", folder=str(config.inbox), files=len(ready), checkpoint=checkpoint.version)
-            size = config.batch["max_size"]
-            for start in range(0, len(ready), size):
-                records = process_batch(ready[start : start + size], checkpoint, pool, store, config)
-                handled += len(records)
-                failures += sum(r["status"] == "failed" for r in records)
-        finally:
-            store.close()
+    with startup.serving(config) as (checkpoint, store):
+        now, settle = time.time(), config.intake.settle_seconds
+        ready = [p for p in candidate_files(config.inbox) if not is_waiting_name(p.name) and _settled(p, now, settle)]
+        logger.info("once_start", folder=str(config.inbox), files=len(ready), checkpoint=checkpoint.version)
+        size, flow = config.batch.max_size, Pipeline(config, pool, store)
+        for start in range(0, len(ready), size):
+            records = flow.process(ready[start : start + size], checkpoint)
+            handled += len(records)
+            failures += sum(r["status"] == "failed" for r in records)
     logger.info("once_done", handled=handled, failed=failures, results=str(config.results))
     return 1 if failures else 0

@@ -1,8 +1,8 @@
 """One batch through the commit protocol: classify -> journal (durable) -> results -> moves.
 
-`start` submits a batch's decoding to the worker pool and returns at once; `commit` waits for
-it, classifies and commits. Splitting the two lets the service decode the next batch while it
-classifies and commits this one.
+`Pipeline.start` submits a batch's decoding to the worker pool and returns at once; `commit`
+waits for it, classifies and commits. Splitting the two lets the service decode the next batch
+while it classifies and commits this one.
 
 Used by the service and by `--once --move`. Any exception from the journal, the results file or
 a move (other than of a file deleted, or swapped for something else, meanwhile) propagates: the
@@ -14,13 +14,14 @@ from __future__ import annotations
 import os
 import time
 from contextlib import suppress
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
 from model.checkpoint import Checkpoint
-from model.decode import DecodePool, PendingDecode
 from model.files import Identity, file_identity, fsync_dir
 from model.inference import finish_batch, start_batch
+from model.pool import DecodePool, PendingDecode
 from watcher import log
 from watcher.config import Config
 from watcher.moves import move_no_clobber, unique_name
@@ -30,82 +31,91 @@ from watcher.results import ResultStore
 def decode_pool(config: Config, **options: object) -> DecodePool:
     """The decode worker pool with the configured processes, time budget and memory limit."""
     batch = config.batch
-    return DecodePool(batch["decode_processes"], batch["decode_seconds"], memory_mb=batch["decode_memory_mb"], **options)
+    return DecodePool(batch.decode_processes, batch.decode_seconds, memory_mb=batch.decode_memory_mb, **options)
 
 
-def start(paths: list[Path], checkpoint: Checkpoint, pool: DecodePool, config: Config) -> PendingDecode:
-    return start_batch(paths, checkpoint, pool, config.face_rules, config.intake["max_file_bytes"])
+@dataclass
+class Pipeline:
+    """A batch's way from the inbox to done/ or failed/, through the config's rules, the decode
+    pool and the results store. Each batch brings its checkpoint: a reload swaps it between
+    batches."""
 
+    config: Config
+    pool: DecodePool
+    store: ResultStore
 
-def process_batch(paths: list[Path], checkpoint: Checkpoint, pool: DecodePool, store: ResultStore, config: Config) -> list[dict]:
-    """Classify, commit and move one batch; return its journal records."""
-    return commit(start(paths, checkpoint, pool, config), checkpoint, pool, store, config)
+    def start(self, paths: list[Path], checkpoint: Checkpoint) -> PendingDecode:
+        """Submit the batch's decoding to the pool; returns at once."""
+        return start_batch(paths, checkpoint, self.pool, self.config.faces, self.config.intake.max_file_bytes)
 
+    def process(self, paths: list[Path], checkpoint: Checkpoint) -> list[dict]:
+        """Classify, commit and move one batch; return its journal records."""
+        return self.commit(self.start(paths, checkpoint), checkpoint)
 
-def commit(pending: PendingDecode, checkpoint: Checkpoint, pool: DecodePool, store: ResultStore, config: Config) -> list[dict]:
-    """Wait for a started batch's decoding, classify it, commit and move it; return its journal records."""
-    logger = log.get()
-    started = time.monotonic()
-    outcomes = finish_batch(pending, checkpoint, pool)
-    now = datetime.now(UTC).isoformat(timespec="milliseconds")
-    taken = {config.done: set(store.current), config.failed: set()}
-    records, identities = [], []
-    for outcome in outcomes:
-        now_there = file_identity(outcome.path)
-        if now_there is None:
-            logger.warning("vanished", file=outcome.path.name)  # removed from the inbox by someone else
-            continue
-        if now_there != outcome.identity:
-            # Replaced or rewritten under the same name since it was read: this answer is not the
-            # new file's. Intake hands the new one out again once this batch releases the name.
-            logger.info("replaced_while_classified", file=outcome.path.name)
-            continue
-        folder = config.done if outcome.prediction else config.failed
-        name = unique_name(folder, outcome.path.name, taken[folder])
-        taken[folder].add(name)
-        record = {
-            "key": name,
-            "status": "done" if outcome.prediction else "failed",
-            "time": now,
-            "source": str(outcome.path),
-            "dest": str(folder / name),
-            "sha256": outcome.sha256,
-            "identity": list(outcome.identity),
-            "checkpoint": checkpoint.version,
-        }
-        if outcome.prediction:
-            record |= outcome.answer()
-            getattr(logger, config.logging["answers"])(
-                "answered",
-                file=outcome.path.name,
-                label=outcome.prediction.label,
-                probability=outcome.prediction.probability,
-                faces=len(outcome.faces),
+    def commit(self, pending: PendingDecode, checkpoint: Checkpoint) -> list[dict]:
+        """Wait for a started batch's decoding, classify it, commit and move it; return its journal records."""
+        logger = log.get()
+        started = time.monotonic()
+        outcomes = finish_batch(pending, checkpoint, self.pool)
+        now = datetime.now(UTC).isoformat(timespec="milliseconds")
+        taken = {self.config.done: set(self.store.current), self.config.failed: set()}
+        records, identities = [], []
+        for outcome in outcomes:
+            now_there = file_identity(outcome.path)
+            if now_there is None:
+                logger.warning("vanished", file=outcome.path.name)  # removed from the inbox by someone else
+                continue
+            if now_there != outcome.identity:
+                # Replaced or rewritten under the same name since it was read: this answer is not the
+                # new file's. Intake hands the new one out again once this batch releases the name.
+                logger.info("replaced_while_classified", file=outcome.path.name)
+                continue
+            folder = self.config.done if outcome.prediction else self.config.failed
+            name = unique_name(folder, outcome.path.name, taken[folder])
+            taken[folder].add(name)
+            record = {
+                "key": name,
+                "status": "done" if outcome.prediction else "failed",
+                "time": now,
+                "source": str(outcome.path),
+                "dest": str(folder / name),
+                "sha256": outcome.sha256,
+                "identity": list(outcome.identity),
+                "checkpoint": checkpoint.version,
+            }
+            if outcome.prediction:
+                record |= outcome.answer()
+                getattr(logger, self.config.logging.answers)(
+                    "answered",
+                    file=outcome.path.name,
+                    label=outcome.prediction.label,
+                    probability=outcome.prediction.probability,
+                    faces=len(outcome.faces),
+                )
+            else:
+                record["reason"] = outcome.error
+                logger.warning("failed", file=outcome.path.name, reason=outcome.error, moved_to=record["dest"])
+            records.append(record)
+            identities.append(outcome.identity)
+        self.store.commit(records)
+        for record, identity in zip(records, identities, strict=True):
+            _move(Path(record["source"]), Path(record["dest"]), identity, record["key"])
+        for folder in {self.config.done, self.config.failed}:
+            fsync_dir(folder)
+        with suppress(FileNotFoundError):  # an inbox deleted meanwhile (the service waits for a new one)
+            fsync_dir(self.config.inbox)
+        rotated = self.store.rotate_if_full()
+        if rotated:
+            logger.info("rotated", number=rotated)
+        if records:
+            logger.info(
+                "batch",
+                count=len(records),
+                failed=sum(r["status"] == "failed" for r in records),
+                ms=round((time.monotonic() - started) * 1000, 1),
+                checkpoint=checkpoint.version,
             )
-        else:
-            record["reason"] = outcome.error
-            logger.warning("failed", file=outcome.path.name, reason=outcome.error, moved_to=record["dest"])
-        records.append(record)
-        identities.append(outcome.identity)
-    store.commit(records)
-    for record, identity in zip(records, identities, strict=True):
-        _move(Path(record["source"]), Path(record["dest"]), identity, record["key"])
-    for folder in {config.done, config.failed}:
-        fsync_dir(folder)
-    with suppress(FileNotFoundError):  # an inbox deleted meanwhile (the service waits for a new one)
-        fsync_dir(config.inbox)
-    rotated = store.rotate_if_full()
-    if rotated:
-        logger.info("rotated", number=rotated)
-    if records:
-        logger.info(
-            "batch",
-            count=len(records),
-            failed=sum(r["status"] == "failed" for r in records),
-            ms=round((time.monotonic() - started) * 1000, 1),
-            checkpoint=checkpoint.version,
-        )
-    return records
+        return records
 
 
 def _move(source: Path, dest: Path, identity: Identity | None, key: str) -> None:

@@ -1,16 +1,18 @@
 """Hot reload of the checkpoint: notice a change, load and check it off the main loop, hand it over.
 
 The checkpoint's folder is watched (inotify), so a change wakes the main loop at once; a slow
-poll is the fallback. The main loop calls `poll` (one stat) and `collect`; a file is loaded only
-once it has held still between two polls, and loading and the canary forward pass run in a
-background thread, so batches keep flowing. The loop swaps the model in between batches. A file
-that fails any check is refused and the old model keeps serving.
+poll is the fallback. The main loop calls `step` each turn: it looks at the file when due (one
+stat), and a file is loaded only once it has held still between two looks; loading and the
+canary forward pass run in a background thread, so batches keep flowing. `step` hands back a
+loaded model, which the loop swaps in between batches, and when it wants to be asked again. A
+file that fails any check is refused (logged here) and the old model keeps serving.
 """
 
 from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Callable
 from contextlib import suppress
 from pathlib import Path
@@ -20,6 +22,8 @@ from watchdog.observers.inotify import InotifyObserver
 
 from model import checkpoint as ckpt
 from watcher import log
+
+RECHECK_SECONDS = 0.5  # a changed checkpoint must hold still this long before it is loaded
 
 
 def load_checked(path: Path, precision: str, serving: ckpt.Checkpoint) -> ckpt.Checkpoint:
@@ -50,9 +54,18 @@ def _signature(path: Path) -> tuple[int, int, int] | None:
 
 
 class Reloader:
-    def __init__(self, path: Path, precision: str, serving: ckpt.Checkpoint, wake: Callable[[], None] = lambda: None) -> None:
+    def __init__(
+        self,
+        path: Path,
+        precision: str,
+        serving: ckpt.Checkpoint,
+        wake: Callable[[], None] = lambda: None,
+        poll_seconds: float = 5.0,
+    ) -> None:
         self.path, self.precision, self.wake = path, precision, wake
         self.serving = serving
+        self.poll_seconds = poll_seconds
+        self._next_look = time.monotonic() + poll_seconds
         self._loaded_signature = _signature(path)
         self._last_seen = self._loaded_signature
         self._thread: threading.Thread | None = None
@@ -95,6 +108,32 @@ class Reloader:
             self._observer.stop()
             self._observer.join(timeout=5)
             self._observer = None
+
+    def step(self, now: float, sighup: bool = False) -> tuple[ckpt.Checkpoint | None, float]:
+        """One turn of the main loop: look at the file when due, at once after a hint from the
+        watch or on SIGHUP (which loads even an unchanged file), and collect a finished load.
+        Returns the checkpoint to swap in, or None, and the time (monotonic) to be asked again."""
+        if self.hinted:
+            self.hinted = False
+            self._next_look = min(self._next_look, now + RECHECK_SECONDS)
+        if sighup or now >= self._next_look:
+            if self.poll(force=sighup):
+                log.get().info("reload_start", path=str(self.path), reason="SIGHUP" if sighup else "changed")
+            elif sighup and self.loading:  # say why a SIGHUP did nothing
+                log.get().info("reload_already_running", path=str(self.path))
+            elif sighup:
+                self._refused("file not found or not accessible")
+            self._next_look = now + (RECHECK_SECONDS if self.changing else self.poll_seconds)
+        old, result = self.serving, self.collect()
+        if isinstance(result, ckpt.Checkpoint):
+            log.get().info("reload", old=old.version, new=result.version)
+            return result, self._next_look
+        if result is not None:
+            self._refused(str(result))
+        return None, self._next_look
+
+    def _refused(self, reason: str) -> None:
+        log.get().error("reload_refused", path=str(self.path), reason=reason, serving=self.serving.version)
 
     @property
     def loading(self) -> bool:

@@ -11,30 +11,24 @@ processes when no file has come for `batch.decode_idle_seconds`.
 
 from __future__ import annotations
 
-import fcntl
 import os
 import select
 import signal
 import socket
-import stat
 import time
-from contextlib import ExitStack, contextmanager, suppress
+from contextlib import suppress
 from pathlib import Path
 
 import torch
 
 from model import checkpoint as ckpt
-from model.decode import DecodeCancelled, DecodePool, PendingDecode
-from watcher import log, pipeline
-from watcher.config import Config, check_service_paths
+from model.pool import DecodeCancelled, PendingDecode
+from watcher import log, pipeline, startup
+from watcher.config import Config
 from watcher.intake import Intake
 from watcher.notify import notify, watchdog_interval
 from watcher.reload import Reloader
-from watcher.results import ResultStore
 
-LOCK_NAME = ".gender-watcher.lock"  # beside the journal (instance_lock)
-INBOX_LOCK_NAME = ".gender-watcher.{inbox}.lock"  # beside the inbox, in the folder that holds it
-RELOAD_RECHECK = 0.5  # seconds a changed checkpoint must hold still before it is loaded
 # After SIGTERM the batch in hand may take this many seconds more to decode; then it is left in
 # the inbox for the next start, so that the service always exits well within systemd's 30 s.
 STOP_GRACE = 5.0
@@ -67,78 +61,6 @@ class Waker:
         self._write.close()
 
 
-class ServiceError(RuntimeError):
-    """Start-up cannot go on; the message says why."""
-
-
-@contextmanager
-def instance_lock(config: Config):
-    """Exclusive locks held for the life of the service or a --once --move pass: one instance per
-    journal, and one per inbox (two configurations with different results folders on one inbox
-    would answer its files twice).
-
-    The journal's lock file lives beside it, in a folder that only the service writes; the inbox
-    will not do: whoever may write into it could delete or replace the file, or hold a lock on
-    it and so keep the service from ever starting again. The inbox's lock lives beside the inbox,
-    in the folder that holds it, and counts only when it is a regular file of the service's own
-    user: one that someone else made there cannot keep the service out (it is named in a
-    warning), nor can a folder the service may not write into (a warning, too)."""
-    with ExitStack() as held:
-        held.callback(os.close, _lock(config.journal.parent / LOCK_NAME, f"is working {config.journal}"))
-        inbox_lock = config.inbox.parent / INBOX_LOCK_NAME.format(inbox=config.inbox.name)
-        try:
-            held.callback(os.close, _lock(inbox_lock, f"is serving the inbox {config.inbox}", own_only=True))
-        except _LockNotTaken as exc:
-            log.get().warning(
-                "inbox_lock_not_taken",
-                lock=str(inbox_lock),
-                reason=str(exc),
-                risk="a second service on this inbox would not be refused",
-            )
-        yield
-
-
-class _LockNotTaken(Exception):
-    """The inbox's lock file cannot be used; the message says why."""
-
-
-def _lock(path: Path, holder_is: str, own_only: bool = False) -> int:
-    """Open, lock and fill in (pid) the lock file at `path`; the open descriptor holds the lock.
-    Raises ServiceError where another instance holds it; where the file cannot be used, also
-    ServiceError, or _LockNotTaken with `own_only` (see instance_lock)."""
-    refuse = _LockNotTaken if own_only else ServiceError
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o600)
-    except OSError as exc:
-        raise refuse(f"cannot open the lock file {path}: {exc.strerror}") from None
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise refuse(f"the lock file {path} is not a regular file")
-        if own_only and info.st_uid != os.geteuid():
-            raise refuse(f"the lock file {path} belongs to user {info.st_uid}, not to this service's")
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-            raise ServiceError(f"another gender-watcher (pid {holder}) {holder_is} (lock {path})") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-        return fd
-    except BaseException:
-        os.close(fd)
-        raise
-
-
-def open_store(config: Config) -> ResultStore:
-    """Recover the results and finish moves that a crash interrupted."""
-    store = ResultStore(config.results, config.journal, config.rotation["max_bytes"])
-    moved = pipeline.complete_moves(store.recover())
-    if moved:
-        log.get().info("recovered", moved=moved)
-    return store
-
-
 class Service:
     def __init__(self, config: Config) -> None:
         self.config = config
@@ -161,26 +83,23 @@ class Service:
 
     def run(self) -> int:
         config = self.config
-        check_service_paths(config, inbox_may_be_missing=True)
         signal.set_wakeup_fd(self.waker.fileno(), warn_on_full_buffer=False)
         signal.signal(signal.SIGTERM, self._on_stop)
         signal.signal(signal.SIGINT, self._on_stop)
         signal.signal(signal.SIGHUP, self._on_hup)
-        torch.set_num_threads(config.batch["torch_threads"])
+        torch.set_num_threads(config.batch.torch_threads)
         ping_every = watchdog_interval()
         # The watchdog is pinged from the loop, and also while a slow batch decodes (huge PNGs),
         # as long as the decode processes make progress.
         beats = {"heartbeat": lambda: notify("WATCHDOG=1"), "heartbeat_seconds": ping_every} if ping_every else {}
         with (
-            instance_lock(config),
+            startup.serving(config, inbox_may_be_missing=True) as (model, store),
             pipeline.decode_pool(config, cancelled=self._stop_overdue, **beats) as pool,
         ):
-            model = ckpt.load(config.checkpoint, config.batch["precision"])
-            store = open_store(config)
-            timing = config.intake["settle_seconds"], config.intake["rescan_seconds"]
-            intake = Intake(config.inbox, *timing, watch=config.intake["watch"], wake=self.waker.wake)
+            timing = config.intake.settle_seconds, config.intake.rescan_seconds
+            intake = Intake(config.inbox, *timing, watch=config.intake.watch, wake=self.waker.wake)
             intake.rescan()
-            reloader = Reloader(config.checkpoint, config.batch["precision"], model, self.waker.wake)
+            reloader = Reloader(config.checkpoint, config.batch.precision, model, self.waker.wake, config.reload.poll_seconds)
             reloader.start_watching()
             self.log.info(
                 "start",
@@ -200,14 +119,13 @@ class Service:
                 )
             notify(f"READY=1\nSTATUS=serving checkpoint {model.version}")
             try:
-                self._loop(intake, reloader, store, pool, model, ping_every)
+                self._loop(intake, reloader, pipeline.Pipeline(config, pool, store), model, ping_every)
             except DecodeCancelled:
                 self.log.warning("stopped_before_the_batch_was_decoded", grace_seconds=STOP_GRACE, files="left in the inbox")
             finally:
                 notify("STOPPING=1")
                 intake.stop()
                 reloader.stop_watching()
-                store.close()
         self.log.info("stop", signal=signal.Signals(self.stop_signal).name if self.stop_signal else None)
         return 0
 
@@ -215,16 +133,14 @@ class Service:
         self,
         intake: Intake,
         reloader: Reloader,
-        store: ResultStore,
-        pool: DecodePool,
+        flow: pipeline.Pipeline,
         model: ckpt.Checkpoint,
         ping_every: float | None,
     ) -> None:
-        config = self.config
-        max_size, max_wait = config.batch["max_size"], config.batch["max_wait_ms"] / 1000
-        decode_idle = config.batch["decode_idle_seconds"]
+        config, pool = self.config, flow.pool
+        max_size, max_wait = config.batch.max_size, config.batch.max_wait_ms / 1000
+        decode_idle = config.batch.decode_idle_seconds
         now = time.monotonic()
-        next_reload_poll = now + config.reload["poll_seconds"]
         next_ping = last_batch_at = now
         pending: list[Path] = []
         first_pending_at = 0.0
@@ -237,7 +153,7 @@ class Service:
             if in_flight is not None:
                 batch, checkpoint = in_flight
                 in_flight = None
-                pipeline.commit(batch, checkpoint, pool, store, config)
+                flow.commit(batch, checkpoint)
                 intake.release(batch.paths)
 
         while self.stop_signal is None:
@@ -245,28 +161,11 @@ class Service:
             if ping_every is not None and now >= next_ping:
                 notify("WATCHDOG=1")
                 next_ping = now + ping_every
-            if reloader.hinted:
-                reloader.hinted = False
-                next_reload_poll = min(next_reload_poll, now + RELOAD_RECHECK)
-            if self.reload_requested or now >= next_reload_poll:
-                if reloader.poll(force=self.reload_requested):
-                    self.log.info(
-                        "reload_start", path=str(config.checkpoint), reason="SIGHUP" if self.reload_requested else "changed"
-                    )
-                elif self.reload_requested and reloader.loading:  # say why a SIGHUP did nothing
-                    self.log.info("reload_already_running", path=str(config.checkpoint))
-                elif self.reload_requested:
-                    reason = "file not found or not accessible"
-                    self.log.error("reload_refused", path=str(config.checkpoint), reason=reason, serving=model.version)
-                self.reload_requested = False
-                next_reload_poll = now + (RELOAD_RECHECK if reloader.changing else config.reload["poll_seconds"])
-            result = reloader.collect()
-            if isinstance(result, ckpt.Checkpoint):
-                self.log.info("reload", old=model.version, new=result.version)
-                model = result
+            sighup, self.reload_requested = self.reload_requested, False
+            reloaded, reload_at = reloader.step(now, sighup)
+            if reloaded is not None:
+                model = reloaded
                 notify(f"STATUS=serving checkpoint {model.version}")
-            elif result is not None:
-                self.log.error("reload_refused", path=str(config.checkpoint), reason=str(result), serving=model.version)
             if now >= intake.rescan_at:
                 intake.rescan(now)
             ready = intake.take()
@@ -278,13 +177,13 @@ class Service:
                 first_pending_at = last_batch_at = now
                 if not pool.running:
                     self.log.info("decode_workers_start", processes=pool.workers)
-                started = (pipeline.start(batch, model, pool, config), model)
+                started = (flow.start(batch, model), model)
                 finish_in_flight()
                 in_flight = started
                 if len(pending) < max_size:
                     finish_in_flight()
                 continue
-            deadlines = [intake.rescan_at, next_reload_poll] + ([next_ping] if ping_every else [])
+            deadlines = [intake.rescan_at, reload_at] + ([next_ping] if ping_every else [])
             if decode_idle and pool.running and not pending:
                 if now - last_batch_at < decode_idle:
                     deadlines.append(last_batch_at + decode_idle)
@@ -294,6 +193,6 @@ class Service:
             if pending:
                 deadlines.append(first_pending_at + max_wait)
             if intake.waiting():
-                deadlines.append(now + max(0.05, min(0.25, config.intake["settle_seconds"] / 2)))
+                deadlines.append(now + max(0.05, min(0.25, config.intake.settle_seconds / 2)))
             self.waker.wait(min(deadlines) - time.monotonic())
         finish_in_flight()  # the batch in hand is made durable before stopping

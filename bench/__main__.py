@@ -1,4 +1,4 @@
-"""python -m watcher.bench: how fast each stage is, on a folder of real faces.
+"""python -m bench: how fast each stage is, on a folder of real faces.
 
 Reports, in one run on this machine:
   1. decode ceilings on all cores (one process per core), no model: read + decode + face
@@ -18,6 +18,7 @@ Prints a table and writes JSON (--json) so runs can be compared.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import random
@@ -36,17 +37,19 @@ import torch
 from PIL import Image
 
 import model
+from bench.harness import ROOT, ServiceProcess, child_pids, cpu_ticks, decode_worker_pids
 from model import checkpoint as ckpt
-from model.decode import DecodePool, ImageError, decode_faces, decode_picture, read_image_bytes
+from model.decode import ImageError, decode_faces, decode_picture, read_image_bytes
 from model.faces import FaceRules, Preprocessing
 from model.inference import mirror_averaged_logits, model_input
+from model.pool import DecodePool
 from model.preprocess import to_batch
 from train.photos import compose
 from watcher import config as configuration
 from watcher import log
 from watcher.once import candidate_files, classify_folder
 
-DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "faces"
+DEFAULT_DATA = ROOT.parent / "shared" / "data" / "faces"
 
 
 def sample_files(folder: Path, count: int) -> list[Path]:
@@ -116,7 +119,7 @@ def once_end_to_end(files: list[Path], config, workdir: Path) -> float:
     folder.mkdir()
     for path in files:
         shutil.copy(path, folder / path.name)
-    with DecodePool(config.batch["decode_processes"]) as pool:
+    with DecodePool(config.batch.decode_processes) as pool:
         start = time.perf_counter()
         classify_folder(folder, workdir / "once.json", config, pool)
         return len(files) / (time.perf_counter() - start)
@@ -137,7 +140,7 @@ def make_photos(folder: Path, faces: list[Path], count: int, size: tuple[int, in
 def once_on_photos(files: list[Path], config, workdir: Path, count: int = 60) -> float:
     """--once images/s over generated 12-megapixel photos with one face each."""
     photos = make_photos(workdir / "photos", files, count)
-    with DecodePool(config.batch["decode_processes"]) as pool:
+    with DecodePool(config.batch.decode_processes) as pool:
         start = time.perf_counter()
         classify_folder(photos[0].parent, workdir / "photos.json", config, pool)
         return len(photos) / (time.perf_counter() - start)
@@ -149,32 +152,27 @@ DECODE_IDLE_SECONDS = 3.0
 
 
 class _ServiceRun:
-    """The real service on temporary folders. Arrival: a rename into the inbox. Durable: the file's
-    line in the journal (written and fsynced before the file moves), read by a thread that polls
-    the journal every 2 ms: far less CPU, taken from the service under test, than watching done/."""
+    """The real service (bench.harness.ServiceProcess) on temporary folders. Arrival: a rename
+    into the inbox. Durable: the file's line in the journal (written and fsynced before the file
+    moves), read by a thread that polls the journal every 2 ms: far less CPU, taken from the
+    service under test, than watching done/."""
 
     def __init__(self, workdir: Path, checkpoint_path: Path) -> None:
-        self.root = workdir / "service"
-        for name in ("inbox", "done", "failed", "results"):
-            (self.root / name).mkdir(parents=True)
-        (self.root / "config.yaml").write_text(
-            f"checkpoint: {checkpoint_path}\nlogging: {{format: json, level: warning}}\n"
-            f"batch: {{decode_idle_seconds: {DECODE_IDLE_SECONDS}}}\n"
-        )
+        root = workdir / "service"
+        root.mkdir()
+        self.service = ServiceProcess(
+            root,
+            checkpoint_path,
+            logging={"format": "json", "level": "warning"},
+            faces={},  # as configured by default: pictures without a face fail
+            batch={"decode_idle_seconds": DECODE_IDLE_SECONDS},
+        ).start()
+        self.proc = self.service.proc
         self.staging = workdir / "staging"
         self.staging.mkdir()
-        env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
-        self.proc = subprocess.Popen([sys.executable, "-m", "watcher", "--config", str(self.root / "config.yaml")], env=env)
         self._seen: dict[str, float] = {}
         self._stop = threading.Event()
-        journal = self.root / "results" / "journal.jsonl"
-        deadline = time.time() + 120
-        while not journal.exists() and time.time() < deadline:
-            time.sleep(0.1)
-        if not journal.exists():
-            self.proc.kill()
-            raise RuntimeError(f"the service under test did not start within 120 s (no {journal})")
-        self._tail = threading.Thread(target=self._read_journal, args=(journal,), daemon=True)
+        self._tail = threading.Thread(target=self._read_journal, args=(self.service.journal,), daemon=True)
         self._tail.start()
 
     def _read_journal(self, journal: Path) -> None:
@@ -210,7 +208,7 @@ class _ServiceRun:
             target = start + i / rate
             while (now := time.perf_counter()) < target:
                 time.sleep(min(target - now, 0.002))
-            os.rename(self.staging / name, self.root / "inbox" / name)
+            os.rename(self.staging / name, self.service.inbox / name)
             arrivals[name] = time.perf_counter()
         return arrivals
 
@@ -231,16 +229,16 @@ class _ServiceRun:
         core for all of them) over `seconds` of idling."""
         pids = [self.proc.pid, *child_pids(self.proc.pid)]
 
-        def cpu_ticks() -> dict[int, int]:  # utime + stime of each process still there
+        def ticks_now() -> dict[int, int]:  # utime + stime of each process still there
             ticks = {}
             for pid in pids:
                 with suppress(OSError):
-                    ticks[pid] = sum(_stat(pid)[10:12])
+                    ticks[pid] = cpu_ticks(pid)
             return ticks
 
-        before, start = cpu_ticks(), time.perf_counter()
+        before, start = ticks_now(), time.perf_counter()
         time.sleep(seconds)
-        after = cpu_ticks()
+        after = ticks_now()
         used = sum(after[pid] - before[pid] for pid in after.keys() & before.keys()) / os.sysconf("SC_CLK_TCK")
         rss = {}
         for pid in pids:
@@ -250,34 +248,11 @@ class _ServiceRun:
         return sum(rss.values()) / 1024, rss[self.proc.pid] / 1024, 100 * used / (time.perf_counter() - start)
 
     def close(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        with suppress(subprocess.TimeoutExpired):  # then killed
+            self.service.stop()
+        self.service.close()
         self._stop.set()
         self._tail.join()
-
-
-def _stat(pid: int) -> list[int]:
-    """The numeric fields of /proc/PID/stat after the command name (0: parent pid, 10 and 11: user and system CPU ticks)."""
-    return [int(f) for f in Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1:]]
-
-
-def child_pids(pid: int) -> list[int]:
-    kids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            with suppress(OSError):
-                if _stat(int(entry.name))[0] == pid:
-                    kids.append(int(entry.name))
-    return kids
-
-
-def decode_worker_pids(pid: int) -> list[int]:
-    """The decode processes of the service `pid` (not multiprocessing's resource tracker)."""
-    return [p for p in child_pids(pid) if b"spawn_main" in Path(f"/proc/{p}/cmdline").read_bytes()]
 
 
 def cycle(files: list[Path], count: int) -> list[Path]:
@@ -326,7 +301,7 @@ def bench_service(files: list[Path], checkpoint_path: Path, workdir: Path, stead
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m watcher.bench", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="folder of face images (default: %(default)s)")
     p.add_argument("--files", type=int, default=4000, help="how many images to use")
     p.add_argument("--checkpoint", type=Path, default=model.DEFAULT_CHECKPOINT)
@@ -343,15 +318,15 @@ def main(argv: list[str] | None = None) -> int:
     for path in files:
         path.read_bytes()  # into the page cache, so every measurement reads from memory alike
     config = configuration.load(None)
-    config = configuration.Config(**{**config.__dict__, "checkpoint": args.checkpoint.resolve()})
-    checkpoint = ckpt.load(args.checkpoint, config.batch["precision"])
-    torch.set_num_threads(config.batch["torch_threads"])
+    config = dataclasses.replace(config, checkpoint=args.checkpoint.resolve())
+    checkpoint = ckpt.load(args.checkpoint, config.batch.precision)
+    torch.set_num_threads(config.batch.torch_threads)
     cores = os.cpu_count() or 1
     results: dict = {"files": len(files), "data": str(args.data), "cores": cores, "checkpoint": checkpoint.version}
     results["bfloat16"] = checkpoint.dtype == torch.bfloat16
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
-        prep = checkpoint.preprocessing(config.face_rules)
+        prep = checkpoint.preprocessing(config.faces)
         results["decode_ceiling"] = decode_ceiling(files, prep, cores)
         results["decode_ceiling_no_detection"] = decode_ceiling(files, prep, cores, detect=False)
         spread = cycle(files[:: max(1, len(files) // 256)], 256)  # from every folder of the sample

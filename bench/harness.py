@@ -1,4 +1,5 @@
-"""Run the real service as a subprocess on temporary folders, and watch what it says and does."""
+"""The real service as a subprocess on temporary folders, and what it says and does: shared by
+the tests and the benchmark (`python -m bench`)."""
 
 from __future__ import annotations
 
@@ -10,10 +11,25 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import suppress
 from pathlib import Path
 
-from tests.conftest import ROOT, write_config
 from watcher.results import exact_names
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write_config(folder: Path, checkpoint: Path, **sections: dict) -> Path:
+    """A service config in `folder` with inbox/, done/, failed/, results/ created there: JSON
+    logs at info level, and faces answered as tests.conftest.ANSWER_EVERY_PICTURE, unless
+    `sections` say otherwise (a section given replaces the default one)."""
+    for name in ("inbox", "done", "failed", "results"):
+        (folder / name).mkdir(exist_ok=True)
+    values = {"logging": {"format": "json", "level": "info"}, "faces": {"no_face": "answer"}} | sections
+    lines = [f"checkpoint: {checkpoint}"] + [f"{name}: {json.dumps(v)}" for name, v in values.items()]
+    path = folder / "config.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
 
 
 class ServiceProcess:
@@ -118,3 +134,28 @@ def drop(folder: Path, name: str, data: bytes) -> Path:
     tmp.write_bytes(data)
     os.rename(tmp, folder / name)
     return folder / name
+
+
+def _stat(pid: int) -> list[int]:
+    """The numeric fields of /proc/PID/stat after the command name (0: parent pid, 10 and 11: user and system CPU ticks)."""
+    return [int(f) for f in Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1:]]
+
+
+def cpu_ticks(pid: int) -> int:
+    """User and system CPU time of `pid` so far, in clock ticks."""
+    return sum(_stat(pid)[10:12])
+
+
+def child_pids(pid: int) -> list[int]:
+    kids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with suppress(OSError):
+                if _stat(int(entry.name))[0] == pid:
+                    kids.append(int(entry.name))
+    return kids
+
+
+def decode_worker_pids(pid: int) -> list[int]:
+    """The decode processes of the service `pid` (not multiprocessing's resource tracker)."""
+    return [p for p in child_pids(pid) if b"spawn_main" in Path(f"/proc/{p}/cmdline").read_bytes()]
