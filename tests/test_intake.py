@@ -7,6 +7,8 @@ from watcher.intake import (
     CLOSED,
     IN_CLOSE_WRITE,
     IN_CREATE,
+    IN_DELETE_SELF,
+    IN_IGNORED,
     IN_ISDIR,
     IN_MOVED_TO,
     IN_Q_OVERFLOW,
@@ -127,5 +129,18 @@ def test_parse_events():
         + event(IN_CLOSE_WRITE, b"c.jpg")
         + event(IN_CREATE | IN_ISDIR, b"sub")
     )
-    assert parse_events(data) == ({"a.jpg": CLOSED, "b\u00e9.jpg": CHANGED, "c.jpg": CLOSED}, False)
-    assert parse_events(event(IN_Q_OVERFLOW) + event(IN_MOVED_TO, b"d.jpg")) == ({"d.jpg": CLOSED}, True)
+    assert parse_events(data) == ({"a.jpg": CLOSED, "b\u00e9.jpg": CHANGED, "c.jpg": CLOSED}, False, False)
+    assert parse_events(event(IN_Q_OVERFLOW) + event(IN_MOVED_TO, b"d.jpg")) == ({"d.jpg": CLOSED}, True, False)
+    assert parse_events(event(IN_DELETE_SELF) + event(IN_IGNORED)) == ({}, True, True)  # the folder itself is gone
+
+
+def test_a_gone_folder_is_watched_anew_even_when_its_successor_has_the_same_inode(tmp_path):
+    intake = Intake(tmp_path, 0.0, watch=True)
+    try:
+        intake.rescan()
+        first = intake._watch
+        intake.look_again(gone=True)  # as the watch reports IN_DELETE_SELF; the folder's identity is unchanged
+        intake.rescan()
+        assert intake._watch is not None and intake._watch is not first
+    finally:
+        intake.stop()

@@ -50,28 +50,31 @@ def is_waiting_name(name: str) -> bool:
     return name.startswith(".") or name.endswith(WAITING_SUFFIXES)
 
 
-def parse_events(data: bytes) -> tuple[dict[str, str], bool]:
-    """inotify events as read -> ({name: CLOSED or CHANGED}, whether the folder needs a full look:
-    the kernel dropped events, or the folder itself was deleted or renamed). Sub-folders are left
-    out; a file both created and closed in one read is CLOSED."""
+def parse_events(data: bytes) -> tuple[dict[str, str], bool, bool]:
+    """inotify events as read -> ({name: CLOSED or CHANGED}, whether the folder needs a full look,
+    whether the watched folder itself is gone). A full look: the kernel dropped events, or the
+    folder was deleted or renamed; a gone folder's watch is dead even where a new folder gets
+    the same inode number. Sub-folders are left out; a file both created and closed in one read
+    is CLOSED."""
     hints: dict[str, str] = {}
-    look_again, offset = False, 0
+    look_again, gone, offset = False, False, 0
     while offset < len(data):
         _, mask, _, length = EVENT_HEADER.unpack_from(data, offset)
         name = os.fsdecode(data[offset + EVENT_HEADER.size : offset + EVENT_HEADER.size + length].rstrip(b"\0"))
         offset += EVENT_HEADER.size + length
-        look_again |= bool(mask & (IN_Q_OVERFLOW | IN_DELETE_SELF | IN_MOVE_SELF | IN_IGNORED))
+        gone |= bool(mask & (IN_DELETE_SELF | IN_MOVE_SELF | IN_IGNORED))
+        look_again |= bool(mask & IN_Q_OVERFLOW)
         if name and not mask & IN_ISDIR and hints.get(name) != CLOSED:
             hints[name] = CHANGED if mask & IN_CREATE else CLOSED
-    return hints, look_again
+    return hints, look_again or gone, gone
 
 
 class InboxWatch:
     """A thread that reads the inbox's inotify events and passes them on as hints, one call per
-    read: `on_hints({name: CLOSED or CHANGED})`, or `on_look_again()` when the kernel dropped
+    read: `on_hints({name: CLOSED or CHANGED})`, or `on_look_again(gone)` when the kernel dropped
     events or the folder itself went away."""
 
-    def __init__(self, folder: Path, on_hints: Callable[[dict[str, str]], None], on_look_again: Callable[[], None]) -> None:
+    def __init__(self, folder: Path, on_hints: Callable[[dict[str, str]], None], on_look_again: Callable[[bool], None]) -> None:
         self.on_hints, self.on_look_again = on_hints, on_look_again
         libc = ctypes.CDLL(None, use_errno=True)
         self._fd = libc.inotify_init1(IN_NONBLOCK | IN_CLOEXEC)
@@ -91,9 +94,9 @@ class InboxWatch:
         try:
             while self._stop_r not in select.select([self._fd, self._stop_r], [], [])[0]:
                 try:
-                    hints, look_again = parse_events(os.read(self._fd, 1 << 16))
+                    hints, look_again, gone = parse_events(os.read(self._fd, 1 << 16))
                     if look_again:
-                        self.on_look_again()
+                        self.on_look_again(gone)
                     if hints:
                         self.on_hints(hints)
                 except BlockingIOError:
@@ -135,6 +138,7 @@ class Intake:
         self._watched: tuple[int, int] | None = None  # (device, inode) of the folder listed last
         self._last_rescan = 0.0
         self._look_again = False  # set by the watch thread
+        self._watch_gone = False  # set by the watch thread: the watched folder went away
         self.missing = False
 
     # -- watch thread ----------------------------------------------------------------------
@@ -146,9 +150,10 @@ class Intake:
                     self._hints[name] = kind
         self.wake()
 
-    def look_again(self) -> None:
-        """Events were lost, or the folder itself went away: list it at once."""
+    def look_again(self, gone: bool = False) -> None:
+        """Events were lost, or the folder itself went away (`gone`: watch it anew): list it at once."""
         self._look_again = True
+        self._watch_gone |= gone
         self.wake()
 
     # -- main loop -------------------------------------------------------------------------
@@ -173,7 +178,7 @@ class Intake:
             info = os.stat(self.inbox)
             if not stat.S_ISDIR(info.st_mode):
                 raise NotADirectoryError
-            if (info.st_dev, info.st_ino) != self._watched:
+            if (info.st_dev, info.st_ino) != self._watched or self._watch_gone:
                 self._watch_folder((info.st_dev, info.st_ino))
             with os.scandir(self.inbox) as entries:
                 names = [e.name for e in entries]
@@ -196,6 +201,7 @@ class Intake:
         if self._watched is not None:
             log.get().warning("inbox_replaced", inbox=str(self.inbox), action="watching the new folder")
         self.stop()
+        self._watch_gone = False
         if self._use_watch:
             self._watch = InboxWatch(self.inbox, self.hint, self.look_again)
         self._watched = identity
