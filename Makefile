@@ -11,7 +11,7 @@ NEW_ENOUGH := -c 'import sys; sys.exit(sys.version_info < (3, 11))'
 $(STAMP): pyproject.toml
 	@$(PY) $(NEW_ENOUGH) 2>/dev/null || { test -n "$(PYTHON)" || { echo "gender-watcher needs Python 3.11 or newer, and no python3 was found. Run: make PYTHON=/path/to/python3.11 ..."; exit 1; }; rm -rf $(VENV) && $(PYTHON) -m venv $(VENV); }
 	@$(PY) $(NEW_ENOUGH) || { echo "gender-watcher needs Python 3.11 or newer; found $$($(PY) -V). Run: make PYTHON=/path/to/python3.11 ..."; rm -rf $(VENV); exit 1; }
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev,ray]'
 	touch $(STAMP)
 
 folders:

@@ -12,6 +12,9 @@ Reports, in one run on this machine:
      sustains without a growing backlog; the latency of the first file after idling
   6. the idle service: resident memory and CPU use, once its decode processes have stopped, and
      its memory before that
+  7. with --bulk (the ray extra): python -m watcher.bulk on the same files with 1 and 2 workers:
+     images/s after start-up and its ratio to --once, start-up time, and peak resident memory of
+     the whole process tree (Ray's own processes included, the object store capped)
 Prints a table and writes JSON (--json) so runs can be compared.
 """
 
@@ -123,6 +126,51 @@ def once_end_to_end(files: list[Path], config, workdir: Path) -> float:
         start = time.perf_counter()
         classify_folder(folder, workdir / "once.json", config, pool)
         return len(files) / (time.perf_counter() - start)
+
+
+def tree_rss_mb(pid: int) -> float:
+    """Resident memory of a process and all its descendants, summed (shared pages counted in each)."""
+    total, todo = 0, [pid]
+    while todo:
+        current = todo.pop()
+        with suppress(OSError, ValueError, IndexError):
+            total += int(Path(f"/proc/{current}/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        todo += child_pids(current)
+    return total / 2**20
+
+
+def bulk_run(folder: Path, checkpoint: Path, workdir: Path, workers: int) -> dict:
+    """python -m watcher.bulk over `folder`: its _SUCCESS figures and the peak memory of its process tree."""
+    out = workdir / f"bulk-{workers}"
+    env = dict(os.environ, PYTHONPATH=str(ROOT), RAY_TMPDIR=tempfile.mkdtemp(prefix="ray", dir="/tmp"))
+    command = [
+        sys.executable,
+        "-m",
+        "watcher.bulk",
+        str(folder),
+        str(out),
+        "--checkpoint",
+        str(checkpoint),
+        "--workers",
+        str(workers),
+    ]
+    start = time.perf_counter()
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    peak = 0.0
+    while proc.poll() is None:
+        peak = max(peak, tree_rss_mb(proc.pid))
+        time.sleep(0.25)
+    stderr = proc.stderr.read() if proc.stderr else ""
+    if proc.returncode not in (0, 1):
+        raise RuntimeError(f"python -m watcher.bulk exited with {proc.returncode}: {stderr[-2000:]}")
+    run = json.loads((out / "_SUCCESS").read_text())["runs"][0]
+    return {
+        "workers": workers,
+        "files_per_second": run["files_per_second"],
+        "startup_seconds": run["startup_seconds"],
+        "command_seconds": round(time.perf_counter() - start, 1),
+        "peak_rss_mb": round(peak),
+    }
 
 
 def make_photos(folder: Path, faces: list[Path], count: int, size: tuple[int, int] = (4000, 3000)) -> list[Path]:
@@ -308,6 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steady-rate", type=float, default=100.0, help="arrival rate for the latency measurement, per second")
     p.add_argument("--photos", type=int, default=60, help="generated 12-megapixel photos for the --once photo rate")
     p.add_argument("--no-service", action="store_true", help="skip the service measurements")
+    p.add_argument("--bulk", action="store_true", help="also measure python -m watcher.bulk (needs the ray extra)")
     p.add_argument("--json", type=Path, default=Path("bench.json"))
     args = p.parse_args(argv)
     log.setup("warning", "json")
@@ -340,6 +389,8 @@ def main(argv: list[str] | None = None) -> int:
         results["once_vs_one_at_a_time"] = results["once"] / results["one_at_a_time"]
         results["once_vs_no_detection_ceiling"] = results["once"] / results["decode_ceiling_no_detection"]
         results["once_12mp_photos"] = once_on_photos(files, config, workdir, args.photos)
+        if args.bulk:
+            results["bulk"] = [bulk_run(workdir / "once", args.checkpoint.resolve(), workdir, w) for w in (1, 2)]
         if not args.no_service:
             results["service"] = bench_service(files, args.checkpoint.resolve(), workdir, args.steady_rate, results["once"])
     rows = [
@@ -363,6 +414,16 @@ def main(argv: list[str] | None = None) -> int:
             ("  the same before its decode processes stop, all", f"{s['idle_rss_workers_up_mb']:.0f} MB"),
             ("idle service CPU", f"{s['idle_cpu_percent']:.2f}% of a core"),
         ]
+    for run in results.get("bulk", []):
+        rows += [
+            (f"bulk, {run['workers']} worker(s), after start-up", f"{run['files_per_second']:.0f} img/s"),
+            ("  / --once", f"{run['files_per_second'] / results['once']:.0%}"),
+            ("  start-up (Ray, actors, model) / whole command", f"{run['startup_seconds']:.1f} / {run['command_seconds']:.1f} s"),
+            ("  peak resident memory, whole process tree", f"{run['peak_rss_mb']} MB"),
+        ]
+    if len(results.get("bulk", [])) == 2:
+        one, two = results["bulk"]
+        rows.append(("bulk, 2 workers / 1 worker", f"{two['files_per_second'] / one['files_per_second']:.2f}x"))
     width = max(len(r[0]) for r in rows)
     print(f"gender-watcher bench: {len(files)} files from {args.data}, {cores} cores, checkpoint {checkpoint.version}")
     for name, value in rows:

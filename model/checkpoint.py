@@ -115,30 +115,39 @@ def load(path: str | Path, precision: str = "auto") -> Checkpoint:
     """Read and validate a checkpoint, and make its model ready for inference at `precision`
     (see model.precision): batch norms folded into the convolutions and ReLUs joined to them,
     weights cast to bfloat16 where that is fast. Raise CheckpointError saying what is wrong."""
-    path = Path(path)
+    return loads(read_bytes(path), str(path), precision)
+
+
+def read_bytes(path: str | Path) -> bytes:
+    """The checkpoint file's bytes, read as the inbox reads images (model.files.read_regular_file:
+    without blocking on a FIFO, a regular file only, within MAX_BYTES), for `loads` here or in
+    another process. Raise CheckpointError."""
     try:
-        data = _read_archive(path)
-    except CheckpointError as exc:
-        raise CheckpointError(f"checkpoint {path}: {exc}") from None
+        return read_regular_file(path, MAX_BYTES, follow_symlinks=True)  # a symlinked checkpoint is the owner's choice
+    except FileRefused as exc:
+        raise CheckpointError(f"checkpoint {path}: {'file not found' if exc.missing else exc}") from None
+
+
+def loads(data: bytes, name: str, precision: str = "auto") -> Checkpoint:
+    """`load` of a checkpoint file's bytes; `name` says where they came from in its errors."""
     try:
+        _check_archive(data)
         payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except CheckpointError as exc:
+        raise CheckpointError(f"checkpoint {name}: {exc}") from None
     except Exception as exc:  # torch raises many types for damaged or unsafe files
-        raise CheckpointError(f"checkpoint {path}: cannot be read as a checkpoint ({_first_line(exc)})") from None
+        raise CheckpointError(f"checkpoint {name}: cannot be read as a checkpoint ({_first_line(exc)})") from None
     try:
         return _checked(payload, precision)
     except CheckpointError as exc:
-        raise CheckpointError(f"checkpoint {path}: {exc}") from None
+        raise CheckpointError(f"checkpoint {name}: {exc}") from None
 
 
-def _read_archive(path: Path) -> bytes:
-    """The file's bytes, read as the inbox reads images (model.files.read_regular_file: without
-    blocking on a FIFO, a regular file only, within MAX_BYTES); and its zip entries checked before
-    torch unpacks any, so that a small file cannot make loading take gigabytes (torch.save stores
-    entries uncompressed)."""
-    try:
-        data = read_regular_file(path, MAX_BYTES, follow_symlinks=True)  # a symlinked checkpoint is the owner's choice
-    except FileRefused as exc:
-        raise CheckpointError("file not found" if exc.missing else str(exc)) from None
+def _check_archive(data: bytes) -> None:
+    """The zip entries checked before torch unpacks any, so that a small file cannot make loading
+    take gigabytes (torch.save stores entries uncompressed)."""
+    if len(data) > MAX_BYTES:
+        raise CheckpointError(f"it is {len(data)} bytes; a checkpoint holds at most {MAX_BYTES}")
     try:
         entries = zipfile.ZipFile(io.BytesIO(data)).infolist()
     except zipfile.BadZipFile:
@@ -152,7 +161,6 @@ def _read_archive(path: Path) -> bytes:
             f"its archive would unpack to {unpacked} bytes ({compressed} of them compressed); "
             f"a checkpoint holds at most {MAX_BYTES}, at most {MAX_COMPRESSED_BYTES} compressed"
         )
-    return data
 
 
 def _described(spec: object, chip: object, detector: object) -> dict:

@@ -1,0 +1,158 @@
+"""The output folder of bulk runs: parts written to a staging folder, put in place when the run
+is done, and a `_SUCCESS` summary.
+
+A run writes `part-<run>-<n>.parquet` (or `.jsonl`) files into `<OUT>.incomplete-<run>` beside
+OUT. When every file has its rows, a first run renames the staging folder to OUT; a `--resume`
+run moves its parts into OUT and then replaces `_SUCCESS`. Readers of OUT (pyarrow, pandas,
+Spark) skip names that start with "_", so they see only finished parts; a run that stops
+before the end leaves OUT as it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import secrets
+import time
+from dataclasses import asdict, dataclass, field
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pyarrow import fs as pafs
+
+from watcher.bulk.rows import SCHEMA
+from watcher.bulk.sources import SourceError, open_location
+
+FORMATS = ("parquet", "jsonl")
+SUMMARY = "_SUCCESS"
+ROWS_PER_PART = 100_000
+
+
+@dataclass
+class RunSummary:
+    """What one run did; `_SUCCESS` lists every run that wrote into the folder."""
+
+    run: str
+    source: str
+    checkpoint: str
+    started: str  # ISO 8601, UTC
+    files: int = 0  # classified in this run
+    answered: int = 0
+    failed: int = 0
+    faces: int = 0
+    skipped: int = 0  # already in the folder (--resume)
+    wall_seconds: float = 0.0
+    startup_seconds: float = 0.0  # from the start to the first rows back: Ray, actors, model loading
+    files_per_second: float = 0.0  # after start-up: the files after the first batch, over the time they took
+    failures: dict[str, int] = field(default_factory=dict)  # reason -> files
+
+
+class OutputFolder:
+    """OUT, opened for one run. Raises SourceError when OUT cannot be used: it is a file, or it
+    holds an earlier run's output and `resume` is not set."""
+
+    def __init__(self, uri: str, fmt: str, resume: bool) -> None:
+        if fmt not in FORMATS:
+            raise SourceError(f"--format must be one of {', '.join(FORMATS)}, not {fmt!r}")
+        self.uri, self.fmt = uri, fmt
+        self.fs, self.root = open_location(uri)
+        kind = self._kind(self.root)
+        if kind == pafs.FileType.File:
+            raise SourceError(f"{uri} is a file; the output is a folder")
+        self.exists = kind == pafs.FileType.Directory and bool(self._entries(self.root))
+        if self.exists and not resume:
+            raise SourceError(
+                f"{uri} already holds output: pass --resume to add the files not in it yet, or choose another folder"
+            )
+        previous = self._read_summary() if self.exists else {"runs": [], "format": fmt}
+        if previous.get("format") != fmt:
+            raise SourceError(f"{uri} holds {previous.get('format')} parts; resume it with --format {previous.get('format')}")
+        self.previous_runs: list[dict] = previous["runs"]
+        self.run = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + secrets.token_hex(3)
+        self.staging = f"{self.root}.incomplete-{self.run}"
+        self._parts: list[str] = []
+        self._pending: list[pa.Table] = []
+        self._pending_rows = 0
+
+    def _kind(self, path: str) -> pafs.FileType:
+        try:
+            return self.fs.get_file_info(path).type
+        except OSError as exc:
+            raise SourceError(f"{path}: {exc}") from None
+
+    def _entries(self, folder: str) -> list[pafs.FileInfo]:
+        return self.fs.get_file_info(pafs.FileSelector(folder, recursive=False))
+
+    def _parts_in(self, folder: str) -> list[str]:
+        return sorted(
+            f.path for f in self._entries(folder) if f.base_name.startswith("part-") and f.base_name.endswith(f".{self.fmt}")
+        )
+
+    def _read_summary(self) -> dict:
+        try:
+            with self.fs.open_input_stream(f"{self.root}/{SUMMARY}") as stream:
+                return json.loads(stream.read())
+        except (OSError, ValueError) as exc:
+            raise SourceError(f"{self.uri}: cannot resume: no readable {SUMMARY} ({exc})") from None
+
+    def done_paths(self) -> set[str]:
+        """The source paths that already have rows in OUT."""
+        done: set[str] = set()
+        for part in self._parts_in(self.root) if self.exists else []:
+            if self.fmt == "parquet":
+                done.update(pq.read_table(part, columns=["path"], filesystem=self.fs).column("path").to_pylist())
+            else:
+                with self.fs.open_input_stream(part) as stream:
+                    done.update(json.loads(line)["path"] for line in stream.read().splitlines() if line.strip())
+        return done
+
+    def write(self, rows: pa.Table) -> None:
+        """Add rows; they reach a part file of the staging folder every ROWS_PER_PART rows."""
+        self._pending.append(rows)
+        self._pending_rows += rows.num_rows
+        if self._pending_rows >= ROWS_PER_PART:
+            self._flush()
+
+    def _flush(self) -> None:
+        table = pa.concat_tables(self._pending) if self._pending else SCHEMA.empty_table()
+        self._pending, self._pending_rows = [], 0
+        if not self._parts:
+            self.fs.create_dir(self.staging, recursive=True)
+        name = f"{self.staging}/part-{self.run}-{len(self._parts):05d}.{self.fmt}"
+        with self.fs.open_output_stream(name) as stream:
+            if self.fmt == "parquet":
+                pq.write_table(table, stream)
+            else:
+                for row in table.to_pylist():
+                    stream.write((json.dumps(row, ensure_ascii=False) + "\n").encode())
+        self._parts.append(name)
+
+    def finish(self, summary: RunSummary) -> None:
+        """Write what is pending (an empty part for a first run without rows, so that the schema is
+        on record), then put the parts in place and write `_SUCCESS`."""
+        if self._pending or not (self._parts or self.exists):
+            self._flush()
+        self.fs.create_dir(self.staging, recursive=True)
+        runs = [*self.previous_runs, asdict(summary)]
+        totals = {key: sum(r.get(key, 0) for r in runs) for key in ("files", "answered", "failed", "faces")}
+        text = json.dumps({**totals, "format": self.fmt, "runs": runs}, indent=2) + "\n"
+        with self.fs.open_output_stream(f"{self.staging}/{SUMMARY}") as stream:
+            stream.write(text.encode())
+        if not self.exists and self._kind(self.root) == pafs.FileType.NotFound and _renames_folders(self.fs):
+            self.fs.move(self.staging, self.root)
+            return
+        self.fs.create_dir(self.root, recursive=True)
+        for part in self._parts:
+            self.fs.move(part, f"{self.root}/{part.rsplit('/', 1)[1]}")
+        self.fs.move(f"{self.staging}/{SUMMARY}", f"{self.root}/{SUMMARY}")  # last: it says the parts are there
+        self.fs.delete_dir(self.staging)
+
+    def abandon(self) -> None:
+        """Remove the staging folder of a run that did not finish."""
+        with contextlib.suppress(OSError):  # nothing staged yet
+            self.fs.delete_dir(self.staging)
+
+
+def _renames_folders(filesystem: pafs.FileSystem) -> bool:
+    """Whether moving a folder is one rename (an object store moves object by object)."""
+    return isinstance(filesystem, pafs.LocalFileSystem)
