@@ -4,6 +4,8 @@ import json
 import os
 import random
 import shutil
+import subprocess
+import sys
 
 import pytest
 from PIL import Image, ImageDraw
@@ -204,3 +206,12 @@ def test_a_diverging_run_stops_and_leaves_the_old_checkpoint(tmp_path, capsys):
     assert train_main(args) == 1
     assert "diverged in epoch 1" in capsys.readouterr().err
     assert out.read_bytes() == b"the previous checkpoint"
+
+
+@pytest.mark.parametrize("module", ["train", "train.evaluate", "train.photos"])
+def test_help_gives_defaults_examples_and_exit_codes(module):
+    proc = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0
+    assert "example" in proc.stdout and "exit status:" in proc.stdout
+    assert "(default: None)" not in proc.stdout and "(default: [])" not in proc.stdout
+    assert "(default: " in proc.stdout

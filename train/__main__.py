@@ -31,6 +31,7 @@ from model.network import GenderNet
 from model.precision import autocast, uses_bfloat16
 from model.preprocess import InputSpec, normalize
 from model.progress import Progress
+from train import DefaultsHelp
 from train.augment import augment
 from train.data import (
     TRAINING_RULES,
@@ -86,7 +87,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m train",
         description=__doc__.splitlines()[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelp,
         epilog="example (the shipped checkpoint's command is in model/gender-watcher-report/summary.md):\n"
         "  python -m train --data ../shared/data/faces --out model/gender-watcher.pt --dev ../shared/data/other/lfw\n"
         "exit status: 0 written; 1 data that cannot be trained on (said in one line); 2 usage error",

@@ -22,6 +22,7 @@ from model.faces import NO_FACE, FaceRules
 from model.inference import classify_in_batches
 from model.pool import DecodePool
 from model.progress import Progress
+from train import DefaultsHelp
 from train.data import TrainingError, find_labeled_images, group_of
 from train.metrics import format_summary, percent, summarize, summarize_groups
 from train.report import write_evaluation_report
@@ -70,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m train.evaluate",
         description=__doc__.splitlines()[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelp,
         epilog="example: python -m train.evaluate ../shared/data/other/lfw ../shared/data/other/imfdb\n"
         "exit status: 0 done, 1 a folder had no readable image, 2 usage or checkpoint error",
     )
