@@ -24,6 +24,8 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import structlog
+from pyarrow import fs as pafs
 
 from model import checkpoint as ckpt
 from model.files import readable_name
@@ -132,7 +134,7 @@ def run(job: BulkRun) -> RunSummary:
 
 
 def _classified(
-    todo: list[str], job: BulkRun, checkpoint: bytes, filesystem: object, root: str, workers: int, actor_cpus: float
+    todo: list[str], job: BulkRun, checkpoint: bytes, filesystem: pafs.FileSystem, root: str, workers: int, actor_cpus: float
 ) -> Iterator[pa.Table]:
     """The rows of `todo`, a batch at a time as the actors finish them; a file's rows that come
     back a second time (a batch re-run after its actor died) are dropped."""
@@ -180,7 +182,7 @@ def _classified(
         raise EngineError(f"Ray stopped the run: {_first_line(exc)}") from None
 
 
-def _count(rows: pa.Table, summary: RunSummary, logger: object) -> int:
+def _count(rows: pa.Table, summary: RunSummary, logger: structlog.typing.FilteringBoundLogger) -> int:
     """Add a batch's rows to the summary, log its failed files; how many files it holds."""
     failed = rows.filter(pc.is_null(rows["face"]))
     files = pc.count_distinct(rows["path"]).as_py()

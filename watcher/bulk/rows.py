@@ -20,7 +20,7 @@ from model import DEFAULT_MAX_BYTES
 from model import checkpoint as ckpt
 from model.faces import FaceRules
 from model.inference import Outcome, classify_batch
-from model.pool import DEFAULT_MEMORY_MB, DEFAULT_TIME_BUDGET, DecodePool
+from model.pool import DEFAULT_MEMORY_MB, DEFAULT_TIME_BUDGET, DecodeFunction, DecodePool
 from watcher.bulk.sources import decode_function
 
 SCHEMA = pa.schema(
@@ -97,7 +97,7 @@ class Classifier:
         decode_memory_mb: int = DEFAULT_MEMORY_MB,
         max_bytes: int = DEFAULT_MAX_BYTES,
         torch_threads: int = 1,
-        decode: object | None = None,
+        decode: DecodeFunction | None = None,
     ) -> None:
         """`checkpoint`: the file's bytes (model.checkpoint.read_bytes), so that workers on other
         machines need no copy of it. `decode` replaces what the decode processes run per file."""

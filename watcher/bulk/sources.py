@@ -18,6 +18,7 @@ from pyarrow import fs as pafs
 
 from model.decode import Decoded, ImageError, decode_faces, decode_file
 from model.faces import Preprocessing
+from model.pool import DecodeFunction
 
 
 class SourceError(ValueError):
@@ -102,6 +103,6 @@ class RemoteDecode:
         return data
 
 
-def decode_function(filesystem: pafs.FileSystem) -> object:
+def decode_function(filesystem: pafs.FileSystem) -> DecodeFunction:
     """What a decode worker runs per file of `filesystem`: for local files exactly what --once runs."""
     return decode_file if isinstance(filesystem, pafs.LocalFileSystem) else RemoteDecode(filesystem)
