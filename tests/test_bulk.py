@@ -359,6 +359,11 @@ def test_usage_errors_exit_2_with_one_line(tmp_path, tiny_checkpoint):
     refused = bulk_cli(str(tmp_path / "src"), str(tmp_path / "out"), "--checkpoint", str(broken))
     assert refused.returncode == 2 and "broken.pt" in refused.stderr and "zip archive" in refused.stderr
     assert bulk_cli(str(tmp_path / "src"), str(tmp_path / "out"), "--workers", "0").returncode == 2
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "part-earlier.parquet").write_bytes(b"")
+    taken = bulk_cli(str(tmp_path / "src"), str(tmp_path / "out"), "--checkpoint", str(tiny_checkpoint))
+    assert taken.returncode == 2 and "already holds output: pass --resume" in taken.stderr
+    assert "ray" not in taken.stderr.lower().replace("already", "")  # refused before Ray was started
 
 
 def test_without_ray_the_command_says_how_to_get_it(monkeypatch, capsys):

@@ -98,9 +98,8 @@ def main(argv: list[str] | None = None) -> int:
         args.resume,
         args.object_store_mb,
     )
+    signal.signal(signal.SIGTERM, _interrupt)  # unwinds like Ctrl-C, so that staged parts are removed
     try:
-        engine.start_ray(args.address, args.object_store_mb)
-        signal.signal(signal.SIGTERM, _interrupt)  # after Ray's start, which sets a handler of its own
         summary = engine.run(job)
     except (SourceError, CheckpointError) as exc:
         logger.error("cannot_start", reason=str(exc))

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import signal
 import sys
 import time
 import warnings
@@ -75,10 +76,12 @@ def start_ray(address: str | None, object_store_mb: int) -> None:
     import ray
 
     common = {"logging_level": logging.ERROR, "log_to_driver": False, "configure_logging": True}
+    on_sigterm = signal.getsignal(signal.SIGTERM)  # ray.init sets one that exits at once, without cleaning up
     if address:
         ray.init(address=address, **common)
     else:
         ray.init(num_cpus=os.cpu_count(), object_store_memory=object_store_mb << 20, include_dashboard=False, **common)
+    signal.signal(signal.SIGTERM, on_sigterm)
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False  # ours is drawn here, from the rows that arrive
     context.print_on_execution_start = False
@@ -86,8 +89,9 @@ def start_ray(address: str | None, object_store_mb: int) -> None:
 
 
 def run(job: BulkRun) -> RunSummary:
-    """Classify every file of the source that the output does not hold yet, with Ray already
-    started (start_ray). Raises SourceError, CheckpointError or EngineError."""
+    """Classify every file of the source that the output does not hold yet. The checkpoint,
+    source and output are checked first; then Ray is started (start_ray) unless it is up
+    already. Raises SourceError, CheckpointError or EngineError."""
     import ray
 
     logger = log.get()
@@ -99,6 +103,8 @@ def run(job: BulkRun) -> RunSummary:
     done = output.done_paths()
     todo = [p for p in list_files(source_fs, source_root) if readable_name(p) not in done]
     summary = RunSummary(output.run, job.source, version, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), skipped=len(done))
+    if not ray.is_initialized():
+        start_ray(job.address, job.object_store_mb)
     cpus = int(ray.cluster_resources().get("CPU", 1))
     workers = job.workers or cpus
     logger.info("bulk_start", source=job.source, files=len(todo), skipped=len(done), workers=workers, checkpoint=version)
