@@ -50,8 +50,9 @@ def ray_here():
     os.environ.update(saved)
 
 
-def bulk_env() -> dict[str, str]:
-    return dict(os.environ, PYTHONPATH=str(ROOT), RAY_TMPDIR=tempfile.mkdtemp(prefix="ray", dir="/tmp"))
+def bulk_env(home: Path | None = None) -> dict[str, str]:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), RAY_TMPDIR=tempfile.mkdtemp(prefix="ray", dir="/tmp"))
+    return env | ({"HOME": str(home)} if home else {})
 
 
 def make_config(folder: Path, given: dict) -> configuration.Config:
@@ -252,10 +253,13 @@ def test_an_object_store_as_source_and_output(tmp_path, tiny_checkpoint, s3_serv
         json.dumps({"checkpoint": str(tiny_checkpoint), "faces": {"no_face": "answer"}, "intake": {"max_file_bytes": 2500}})
     )
     args = [f"s3://photos/in{options}", f"s3://photos/out{options}", "--config", str(config_file), "--format", "jsonl"]
+    home = tmp_path / "home"
+    home.mkdir()
     proc = subprocess.run(
-        [sys.executable, "-m", "watcher.bulk", *args], env=bulk_env(), capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "watcher.bulk", *args], env=bulk_env(home), capture_output=True, text=True, timeout=300
     )
     assert proc.returncode == 1, proc.stderr  # huge.jpg is over the byte limit
+    assert list(home.iterdir()) == []  # nothing of Ray's in the home folder (no ~/.ray/auth_token)
     keys = {o["Key"] for o in client.list_objects_v2(Bucket="photos", Prefix="out")["Contents"]} - {"out/"}
     parts = {k for k in keys if k.startswith("out/part-") and k.endswith(".jsonl")}
     assert keys == {"out/_SUCCESS", *parts} and len(parts) == 1  # the staging prefix is gone

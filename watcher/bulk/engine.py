@@ -92,8 +92,6 @@ def run(job: BulkRun) -> RunSummary:
     """Classify every file of the source that the output does not hold yet. The checkpoint,
     source and output are checked first; then Ray is started (start_ray) unless it is up
     already. Raises SourceError, CheckpointError or EngineError."""
-    import ray
-
     logger = log.get()
     started = time.monotonic()
     checkpoint_bytes = ckpt.read_bytes(job.checkpoint)
@@ -103,8 +101,10 @@ def run(job: BulkRun) -> RunSummary:
     done = output.done_paths()
     todo = [p for p in list_files(source_fs, source_root) if readable_name(p) not in done]
     summary = RunSummary(output.run, job.source, version, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), skipped=len(done))
-    if not ray.is_initialized():
-        start_ray(job.address, job.object_store_mb)
+    if "ray" not in sys.modules or not sys.modules["ray"].is_initialized():
+        start_ray(job.address, job.object_store_mb)  # first: it sets the environment Ray reads when imported
+    import ray
+
     cpus = int(ray.cluster_resources().get("CPU", 1))
     workers = job.workers or cpus
     logger.info("bulk_start", source=job.source, files=len(todo), skipped=len(done), workers=workers, checkpoint=version)
