@@ -40,7 +40,7 @@ import torch
 from PIL import Image
 
 import model
-from bench.harness import ROOT, ServiceProcess, child_pids, cpu_ticks, decode_worker_pids
+from bench.harness import ROOT, ServiceProcess, child_pids, cpu_ticks, decode_worker_pids, descendant_pids
 from model import checkpoint as ckpt
 from model.decode import ImageError, decode_faces, decode_picture, read_image_bytes
 from model.faces import FaceRules, Preprocessing
@@ -130,12 +130,10 @@ def once_end_to_end(files: list[Path], config, workdir: Path) -> float:
 
 def tree_rss_mb(pid: int) -> float:
     """Resident memory of a process and all its descendants, summed (shared pages counted in each)."""
-    total, todo = 0, [pid]
-    while todo:
-        current = todo.pop()
+    total = 0
+    for current in [pid, *descendant_pids(pid)]:
         with suppress(OSError, ValueError, IndexError):
             total += int(Path(f"/proc/{current}/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-        todo += child_pids(current)
     return total / 2**20
 
 

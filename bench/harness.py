@@ -156,6 +156,16 @@ def child_pids(pid: int) -> list[int]:
     return kids
 
 
+def descendant_pids(pid: int) -> list[int]:
+    """Children, their children and so on (a local Ray's processes sit several levels down)."""
+    found, todo = [], [pid]
+    while todo:
+        kids = child_pids(todo.pop())
+        found += kids
+        todo += kids
+    return found
+
+
 def decode_worker_pids(pid: int) -> list[int]:
     """The decode processes of the service `pid` (not multiprocessing's resource tracker)."""
     return [p for p in child_pids(pid) if b"spawn_main" in Path(f"/proc/{p}/cmdline").read_bytes()]

@@ -28,7 +28,7 @@ if importlib.util.find_spec("ray") is None:  # not imported here: watcher.bulk.e
 
 import pyarrow.parquet as pq
 
-from bench.harness import child_pids
+from bench.harness import child_pids, descendant_pids
 from watcher.bulk import engine
 from watcher.bulk.output import SUMMARY
 from watcher.bulk.rows import SCHEMA, Classifier
@@ -274,15 +274,6 @@ def test_an_object_store_as_source_and_output(tmp_path, tiny_checkpoint, s3_serv
     assert same_answers([r for r in rows if r["path"] != "huge.jpg"], answered_here) == []
 
 
-def descendants(pid: int) -> list[int]:
-    found, todo = [], [pid]
-    while todo:
-        kids = child_pids(todo.pop())
-        found += kids
-        todo += kids
-    return found
-
-
 def command_line(pid: int) -> bytes:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes()
@@ -313,7 +304,7 @@ def start_bulk_on_pictures(tmp_path: Path, checkpoint: Path, files: int, *option
 
 def working_actor(proc: subprocess.Popen) -> int | None:
     """A classifier actor of the run whose decode process is up, if any."""
-    return next((p for p in descendants(proc.pid) if b"MapWorker" in command_line(p) and child_pids(p)), None)
+    return next((p for p in descendant_pids(proc.pid) if b"MapWorker" in command_line(p) and child_pids(p)), None)
 
 
 def run_and_kill_a_worker(tmp_path: Path, checkpoint: Path, files: int) -> tuple[subprocess.CompletedProcess, bool]:
@@ -393,7 +384,7 @@ def test_sigterm_mid_run_leaves_the_output_as_it_was_and_no_ray_behind(tmp_path,
     while working_actor(proc) is None:
         assert proc.poll() is None and time.monotonic() < deadline, "no classifier actor was seen at work"
         time.sleep(0.2)
-    ray_processes = descendants(proc.pid)
+    ray_processes = descendant_pids(proc.pid)
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr[-3000:]

@@ -59,10 +59,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        config = configuration.load(args.config)
-    except configuration.ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
+    if (config := configuration.load_or_report(args.config)) is None:
         return 2
     log.setup(config.logging.level, config.logging.format)
     logger = log.get()

@@ -7,6 +7,7 @@ same values as DEFAULTS below (a test keeps them equal).
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -168,6 +169,16 @@ def load(path: str | Path | None = None) -> Config:
     for name, settings in SECTIONS.items():
         values[name] = settings(**values[name])
     return Config(**values, source=source)
+
+
+def load_or_report(path: str | Path | None) -> Config | None:
+    """`load` for a command line: None for a config that cannot be used, after one line on
+    stderr that says why (the callers exit with status 2)."""
+    try:
+        return load(path)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return None
 
 
 def check_service_paths(config: Config, inbox_may_be_missing: bool = False) -> None:

@@ -75,10 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     if importlib.util.find_spec("ray") is None:
         print(f"error: {NO_RAY}", file=sys.stderr)
         return 2
-    try:
-        config = configuration.load(args.config)
-    except configuration.ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
+    if (config := configuration.load_or_report(args.config)) is None:
         return 2
     log.setup(config.logging.level, config.logging.format)
     logger = log.get()
