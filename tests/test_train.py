@@ -6,6 +6,7 @@ import random
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from PIL import Image, ImageDraw
@@ -15,7 +16,7 @@ from model.network import GenderNet
 from tests.conftest import TINY_SPEC, image_bytes
 from train.__main__ import main as train_main
 from train.__main__ import parse_args
-from train.data import TrainingError, find_labeled_images
+from train.data import TrainingError, find_labeled_images, sampling_weights, source_of
 from train.evaluate import main as evaluate_main
 from train.metrics import equal_recall_threshold, format_summary, summarize
 from train.report import nice_ticks
@@ -186,6 +187,19 @@ def test_save_refuses_meta_that_load_would_refuse(tmp_path):
     with pytest.raises(ValueError, match="would not load"):
         ckpt.save(tmp_path / "m.pt", model, {"stem_width": 4, "widths": [8, 8]}, TINY_SPEC, ["f", "m"], {"data": tmp_path})
     assert not (tmp_path / "m.pt").exists()
+
+
+@pytest.mark.parametrize(("exponent", "big_share"), [(0.0, 1 / 2), (0.5, 2 / 3), (1.0, 4 / 5)])
+def test_each_source_gets_its_share_of_an_epoch_and_each_class_half_of_it(exponent, big_share):
+    # 400 unprefixed (CelebA-like) files, 300 female and 100 male, against 100 UTKFace ones
+    paths = [Path(f"female/{i}.jpg") for i in range(300)] + [Path(f"male/{i}.jpg") for i in range(100)]
+    paths += [Path(f"x/utk_30_{i % 2}_0_{i}.jpg") for i in range(100)]
+    labels = [0] * 300 + [1] * 100 + [i % 2 for i in range(100)]
+    weights = sampling_weights(paths, labels, exponent)
+    big = [w for p, w in zip(paths, weights.tolist(), strict=True) if source_of(p) != source_of(paths[-1])]
+    assert sum(big) == pytest.approx(big_share)
+    assert sum(big[:300]) == pytest.approx(sum(big[300:]))  # the classes of a source: equal shares
+    assert float(weights.sum()) == pytest.approx(1.0)
 
 
 def test_equal_recall_threshold():

@@ -34,6 +34,7 @@ from model.progress import Progress
 from train import DefaultsHelp
 from train.augment import augment
 from train.data import (
+    SOURCE_EXPONENT,
     TRAINING_RULES,
     Dataset,
     TrainingError,
@@ -111,6 +112,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="CHECKPOINT",
         help="start from this checkpoint's weights (same architecture) instead of random ones: a shorter run then suffices",
     )
+    p.add_argument(
+        "--source-exponent",
+        type=float,
+        default=SOURCE_EXPONENT,
+        help="each source's share of an epoch goes with its size to this power (0: equal shares, 1: as in the data)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the split, the sampling and the augmentation")
     p.add_argument("--val-fraction", type=float, default=0.05, help="share held out to choose the epoch and threshold")
     p.add_argument("--test-fraction", type=float, default=0.10, help="share held out for the test figures")
@@ -183,12 +190,12 @@ def evaluate(model: torch.nn.Module, data: Dataset, spec: InputSpec, precision: 
     return float(F.cross_entropy(logits, data.labels)) if len(logits) else 0.0, logits.argmax(1).tolist()
 
 
-def balance_recall(model: GenderNet, logits: torch.Tensor, data: Dataset) -> float:
+def balance_recall(model: GenderNet, logits: torch.Tensor, data: Dataset, source_exponent: float) -> float:
     """Move the decision threshold to where both classes have the same recall on these (validation)
     examples, each weighted as the training epochs draw them (every source and group represented,
     see train.data.sampling_weights), by shifting the last layer's bias, so the checkpoint carries
     it and neither class is favoured. Returns the shift, in logit(male) - logit(female)."""
-    weights = sampling_weights(data.paths, data.labels.tolist()).tolist()
+    weights = sampling_weights(data.paths, data.labels.tolist(), source_exponent).tolist()
     shift = equal_recall_threshold((logits[:, 1] - logits[:, 0]).tolist(), data.labels.tolist(), weights)
     with torch.no_grad():
         model.head[-1].bias[1] -= shift
@@ -283,7 +290,7 @@ def train(args: argparse.Namespace, argv: list[str]) -> int:
     steps = args.epochs * (len(train_set.labels) // args.batch_size)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, total_steps=steps, pct_start=0.15)
     gen = torch.Generator().manual_seed(args.seed)
-    weights = sampling_weights(train_set.paths, train_set.labels.tolist())
+    weights = sampling_weights(train_set.paths, train_set.labels.tolist(), args.source_exponent)
 
     history, best = [], None
     for epoch in range(1, args.epochs + 1):
@@ -329,7 +336,7 @@ def train(args: argparse.Namespace, argv: list[str]) -> int:
         )
 
     model.load_state_dict(best[2])
-    shift = balance_recall(model, logits_of(model, val_set, spec, args.precision), val_set)
+    shift = balance_recall(model, logits_of(model, val_set, spec, args.precision), val_set, args.source_exponent)
     print(f"decision threshold moved by {shift:+.3f} (logit male - female) for equal recall on the weighted validation split")
     test_loss, test_pred = evaluate(model, test_set, spec, args.precision)
     truth = test_set.labels.tolist()

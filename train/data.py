@@ -63,11 +63,16 @@ def group_of(path: Path) -> str | None:
     return None
 
 
-def sampling_weights(paths: list[Path], labels: list[int]) -> torch.Tensor:
+# Every source the same share of an epoch: the in-the-wild ones (UTKFace, IMFDB) are small next to
+# CelebA, and are what the model is most often wrong on.
+SOURCE_EXPONENT = 0.0
+
+
+def sampling_weights(paths: list[Path], labels: list[int], source_exponent: float = SOURCE_EXPONENT) -> torch.Tensor:
     """Per-image weights for drawing an epoch, so that no source and no group dominates it: each
-    source's share of an epoch goes with the square root of its size (large sources still count
-    for more, small ones are drawn several times over), and within a source every class, and every
-    race where the name tells it, has the same share."""
+    source's share of an epoch goes with its size to the power `source_exponent` (0: every source
+    the same share, small ones drawn several times over; 1: as in the data), and within a source
+    every class, and every race where the name tells it, has the same share."""
     cells: dict[tuple[str, str | None, int], list[int]] = defaultdict(list)
     for i, (path, label) in enumerate(zip(paths, labels, strict=True)):
         group = group_of(path)
@@ -79,7 +84,7 @@ def sampling_weights(paths: list[Path], labels: list[int]) -> torch.Tensor:
         cells_of[source] += 1
     weights = torch.zeros(len(paths), dtype=torch.float64)
     for (source, _, _), index in cells.items():
-        weights[index] = per_source[source] ** 0.5 / cells_of[source] / len(index)
+        weights[index] = per_source[source] ** source_exponent / cells_of[source] / len(index)
     return weights / weights.sum()
 
 
