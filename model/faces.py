@@ -66,7 +66,7 @@ class DetectorSpec:
     weak_threshold: float = 0.3  # what a face-sized picture settles for when nothing passes score_threshold
     nms_threshold: float = 0.3
     close_side: int = 320  # longest side of the padded pass (YuNet sees faces of about 10-300 px)
-    far_side: int = 640  # longest side of the pass for small faces in big photos (faces from about 2 % of it)
+    far_side: int = 640  # longest side of the pass for small faces in big photos (it sees faces from about 2 % of the width)
     pad: float = 0.3  # border added around the picture for the close pass, as a fraction of its longer side
 
     def to_dict(self) -> dict:
