@@ -99,6 +99,15 @@ class ServiceProcess:
         raise AssertionError(f"timed out waiting for {what}; last logs: {self.logs[-5:]}")
 
     def journal_records(self) -> list[dict]:
+        # A rotation can rename journal.jsonl between listing and reading it; list again then.
+        for _ in range(100):
+            try:
+                return self._read_journals()
+            except FileNotFoundError:
+                time.sleep(0.01)
+        return self._read_journals()
+
+    def _read_journals(self) -> list[dict]:
         records = []
         for path in sorted(self.journal.parent.glob("journal*.jsonl")):
             text = path.read_text()
