@@ -3,10 +3,11 @@
     inbox -> intake (ready files) -> batch -> model -> results (journal, results file) -> move
 
 Signal handlers, the inbox watch thread and the reload thread only record what happened and wake
-the loop (a threading.Event); the loop then takes ready files, forms a batch (full, or the
-first file has waited `batch.max_wait_ms`), processes it, swaps in a reloaded model between
-batches, pings the systemd watchdog, rescans the inbox on schedule and stops the decode
-processes when no file has come for `batch.decode_idle_seconds`.
+the loop (a self-pipe); the loop then takes ready files, forms a batch (full, or the first
+file has waited `batch.max_wait_ms`) and starts its decoding; once that is done, the files that
+came meanwhile start decoding while the batch is classified and committed. Between batches it
+swaps in a reloaded model, pings the systemd watchdog, rescans the inbox on schedule and stops
+the decode processes when no file has come for `batch.decode_idle_seconds`.
 """
 
 from __future__ import annotations
@@ -144,17 +145,32 @@ class Service:
         next_ping = last_batch_at = now
         pending: list[Path] = []
         first_pending_at = 0.0
-        # A batch whose decoding is under way, kept unfinished only while a full batch waits
-        # behind it: that one's decoding then overlaps this one's forward pass and commit.
+        # The batch whose decoding is under way. Once it is decoded, the files that came meanwhile
+        # start decoding before it is classified and committed, so the decode processes work
+        # while the model does (as --once's look-ahead does).
         in_flight: tuple[PendingDecode, ckpt.Checkpoint] | None = None
 
-        def finish_in_flight() -> None:
-            nonlocal in_flight
-            if in_flight is not None:
-                batch, checkpoint = in_flight
-                in_flight = None
-                flow.commit(batch, checkpoint)
-                intake.release(batch.paths)
+        def start_batch() -> tuple[PendingDecode, ckpt.Checkpoint]:
+            nonlocal pending, first_pending_at, last_batch_at
+            batch, pending = pending[:max_size], pending[max_size:]
+            first_pending_at = last_batch_at = time.monotonic()
+            if not pool.running:
+                self.log.info("decode_workers_start", processes=pool.workers)
+            return flow.start(batch, model), model
+
+        def finish_in_flight(start_next: bool = True) -> None:
+            nonlocal in_flight, pending, first_pending_at
+            batch, checkpoint = in_flight
+            in_flight = None
+            pool.wait(batch)
+            if start_next:
+                if (ready := intake.take()) and not pending:
+                    first_pending_at = time.monotonic()
+                pending += ready
+                if pending:
+                    in_flight = start_batch()
+            flow.commit(batch, checkpoint)
+            intake.release(batch.paths)
 
         while self.stop_signal is None:
             now = time.monotonic()
@@ -172,16 +188,11 @@ class Service:
             if ready and not pending:
                 first_pending_at = now
             pending += ready
-            if pending and (len(pending) >= max_size or now - first_pending_at >= max_wait):
-                batch, pending = pending[:max_size], pending[max_size:]
-                first_pending_at = last_batch_at = now
-                if not pool.running:
-                    self.log.info("decode_workers_start", processes=pool.workers)
-                started = (flow.start(batch, model), model)
+            if in_flight is not None:
                 finish_in_flight()
-                in_flight = started
-                if len(pending) < max_size:
-                    finish_in_flight()
+                continue
+            if pending and (len(pending) >= max_size or now - first_pending_at >= max_wait):
+                in_flight = start_batch()
                 continue
             deadlines = [intake.rescan_at, reload_at] + ([next_ping] if ping_every else [])
             if decode_idle and pool.running and not pending:
@@ -195,4 +206,5 @@ class Service:
             if intake.waiting():
                 deadlines.append(now + max(0.05, min(0.25, config.intake.settle_seconds / 2)))
             self.waker.wait(min(deadlines) - time.monotonic())
-        finish_in_flight()  # the batch in hand is made durable before stopping
+        if in_flight is not None:
+            finish_in_flight(start_next=False)  # the batch in hand is made durable before stopping
