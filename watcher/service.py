@@ -150,6 +150,12 @@ class Service:
         # while the model does (as --once's look-ahead does).
         in_flight: tuple[PendingDecode, ckpt.Checkpoint] | None = None
 
+        def take_ready() -> None:
+            nonlocal pending, first_pending_at
+            if (ready := intake.take()) and not pending:
+                first_pending_at = time.monotonic()
+            pending += ready
+
         def start_batch() -> tuple[PendingDecode, ckpt.Checkpoint]:
             nonlocal pending, first_pending_at, last_batch_at
             batch, pending = pending[:max_size], pending[max_size:]
@@ -159,14 +165,12 @@ class Service:
             return flow.start(batch, model), model
 
         def finish_in_flight(start_next: bool = True) -> None:
-            nonlocal in_flight, pending, first_pending_at
+            nonlocal in_flight
             batch, checkpoint = in_flight
             in_flight = None
             pool.wait(batch)
             if start_next:
-                if (ready := intake.take()) and not pending:
-                    first_pending_at = time.monotonic()
-                pending += ready
+                take_ready()
                 if pending:
                     in_flight = start_batch()
             flow.commit(batch, checkpoint)
@@ -184,10 +188,7 @@ class Service:
                 notify(f"STATUS=serving checkpoint {model.version}")
             if now >= intake.rescan_at:
                 intake.rescan(now)
-            ready = intake.take()
-            if ready and not pending:
-                first_pending_at = now
-            pending += ready
+            take_ready()
             if in_flight is not None:
                 finish_in_flight()
                 continue
