@@ -16,9 +16,9 @@ from model.network import GenderNet
 from tests.conftest import TINY_SPEC, image_bytes
 from train.__main__ import main as train_main
 from train.__main__ import parse_args
-from train.data import TrainingError, find_labeled_images, sampling_weights, source_of
+from train.data import TrainingError, find_labeled_images, groups_of, sampling_weights, source_of
 from train.evaluate import main as evaluate_main
-from train.metrics import equal_recall_threshold, format_summary, summarize
+from train.metrics import equal_recall_threshold, format_summary, summarize, summarize_groups
 from train.report import nice_ticks
 
 
@@ -200,6 +200,32 @@ def test_each_source_gets_its_share_of_an_epoch_and_each_class_half_of_it(expone
     assert sum(big) == pytest.approx(big_share)
     assert sum(big[:300]) == pytest.approx(sum(big[300:]))  # the classes of a source: equal shares
     assert float(weights.sum()) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize(
+    ("name", "groups"),
+    [
+        ("utk_61_1_1_20170109.jpg", ["black", "age 60+"]),
+        ("17_0_2_20170109.jpg.chip.jpg", ["asian", "age under 18"]),  # the UTKFace development set's names
+        ("aaf_00543A10.jpg", ["age under 18"]),
+        ("01070A18.jpg", ["age 18-29"]),
+        ("aaf_12345A59.jpg", ["age 45-59"]),
+        ("imfdb_Suryakantham_12.jpg", ["Suryakantham"]),
+        ("000123.jpg", []),
+        ("scut_AF12.jpg", []),
+    ],
+)
+def test_file_names_tell_race_actor_and_age_band(name, groups):
+    assert groups_of(Path("female") / name) == groups
+
+
+def test_accuracy_by_group_counts_a_file_in_each_of_its_groups():
+    # three files: a young Black woman answered right, an older one answered wrong, an unanswered man
+    groups = summarize_groups([0, 0, 1], [0, 1, None], [["black", "age 18-29"], ["black", "age 60+"], ["age 60+"]], ["f", "m"])
+    assert sorted(groups) == ["age 18-29", "age 60+", "black"]
+    assert groups["black"]["accuracy"] == 0.5 and groups["black"]["count"] == 2
+    assert groups["age 60+"]["count"] == 2 and groups["age 60+"]["accuracy"] == 0.0
+    assert groups["age 18-29"]["accuracy"] == 1.0
 
 
 def test_equal_recall_threshold():

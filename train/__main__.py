@@ -39,7 +39,7 @@ from train.data import (
     Dataset,
     TrainingError,
     find_labeled_images,
-    group_of,
+    groups_of,
     load_dataset,
     sampling_weights,
     source_of,
@@ -78,7 +78,7 @@ class DevSet:
         groups = summarize_groups(
             [label for _, label in self.labeled],
             [answers.get(p) for p, _ in self.labeled],
-            [group_of(p) for p, _ in self.labeled],
+            [groups_of(p) for p, _ in self.labeled],
             CLASS_NAMES,
         )
         return summary | {"unreadable": self.unreadable}, groups
@@ -344,7 +344,7 @@ def train(args: argparse.Namespace, argv: list[str]) -> int:
     for source in sorted({source_of(p) for p in test_set.paths}):
         keep = [i for i, p in enumerate(test_set.paths) if source_of(p) == source]
         test[source] = summarize([truth[i] for i in keep], [test_pred[i] for i in keep], CLASS_NAMES)
-    test_groups = summarize_groups(truth, test_pred, [group_of(p) for p in test_set.paths], CLASS_NAMES)
+    test_groups = summarize_groups(truth, test_pred, [groups_of(p) for p in test_set.paths], CLASS_NAMES)
     print(format_summary("test split", test["all"], CLASS_NAMES))
     dev, dev_groups = {}, {}
     for dev_set in dev_sets:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import random
+from bisect import bisect_right
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,17 +51,45 @@ def source_of(path: Path) -> str:
 
 
 RACES = ("white", "black", "asian", "indian", "other")  # UTKFace's race field, 0-4
+# Age bands for accuracy by age, where a file name tells the age (UTKFace, All-Age-Faces).
+AGE_BANDS = ("age under 18", "age 18-29", "age 30-44", "age 45-59", "age 60+")
+AGE_BAND_STARTS = (18, 30, 45, 60)  # where each band after the first begins
 
 
-def group_of(path: Path) -> str | None:
-    """The group a file name tells, for accuracy by group: UTKFace's race field
-    (`[utk_]<age>_<gender>_<race>_...`) or IMFDB's actor (`imfdb_<actor>_...`); None otherwise."""
+def _utkface_fields(path: Path) -> list[str] | None:
+    """`[utk_]<age>_<gender>_<race>_...` split at '_', or None for another name."""
     parts = path.name.removeprefix("utk_").split("_")
     if len(parts) >= 4 and parts[0].isdigit() and parts[1] in ("0", "1") and parts[2] in ("0", "1", "2", "3", "4"):
-        return RACES[int(parts[2])]
-    if path.name.startswith("imfdb_") and len(parts) >= 3:
-        return parts[1]
+        return parts
     return None
+
+
+def race_of(path: Path) -> str | None:
+    """UTKFace's race field, by name (RACES); None for a file of another source."""
+    fields = _utkface_fields(path)
+    return RACES[int(fields[2])] if fields else None
+
+
+def age_of(path: Path) -> int | None:
+    """The age that UTKFace's (`<age>_...`) or All-Age-Faces' (`<serial>A<age>`) file names tell."""
+    fields = _utkface_fields(path)
+    if fields:
+        return int(fields[0])
+    serial, _, age = path.stem.removeprefix("aaf_").partition("A")
+    return int(age) if serial.isdigit() and age.isdigit() else None
+
+
+def groups_of(path: Path) -> list[str]:
+    """The groups a file name tells, for accuracy by group: UTKFace's race, IMFDB's actor
+    (`imfdb_<actor>_...`), and the age band (`age 60+`) where the age is in the name."""
+    groups = []
+    if race := race_of(path):
+        groups.append(race)
+    elif path.name.startswith("imfdb_") and len(parts := path.name.split("_")) >= 3:
+        groups.append(parts[1])
+    if (age := age_of(path)) is not None:
+        groups.append(AGE_BANDS[bisect_right(AGE_BAND_STARTS, age)])
+    return groups
 
 
 # Every source the same share of an epoch: the in-the-wild ones (UTKFace, IMFDB) are small next to
@@ -75,8 +104,7 @@ def sampling_weights(paths: list[Path], labels: list[int], source_exponent: floa
     every class, and every race where the name tells it, has the same share."""
     cells: dict[tuple[str, str | None, int], list[int]] = defaultdict(list)
     for i, (path, label) in enumerate(zip(paths, labels, strict=True)):
-        group = group_of(path)
-        cells[(source_of(path), group if group in RACES else None, label)].append(i)
+        cells[(source_of(path), race_of(path), label)].append(i)
     per_source: dict[str, int] = defaultdict(int)
     cells_of: dict[str, int] = defaultdict(int)
     for (source, _, _), index in cells.items():

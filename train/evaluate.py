@@ -3,7 +3,8 @@
 Each DIR holds female/ and male/. Files go through exactly the serving path (model.inference:
 face detection, alignment, the main face's answer), so the numbers are what the service would
 answer; a picture in which no face is found counts as wrong. Accuracy is also given by group where
-the file names tell one (UTKFace's race field, IMFDB's actor). --report writes the same figures
+the file names tell one (UTKFace's race field, IMFDB's actor, and the age band where
+UTKFace's or All-Age-Faces' names give the age). --report writes the same figures
 as pictures and a page, with the files it got wrong (train.report.write_evaluation_report).
 """
 
@@ -23,7 +24,7 @@ from model.inference import classify_in_batches
 from model.pool import DecodePool
 from model.progress import Progress
 from train import DefaultsHelp
-from train.data import TrainingError, find_labeled_images, group_of
+from train.data import TrainingError, find_labeled_images, groups_of
 from train.metrics import format_summary, percent, summarize, summarize_groups
 from train.report import write_evaluation_report
 
@@ -62,7 +63,7 @@ def evaluate_folder(folder: Path, checkpoint: ckpt.Checkpoint, pool: DecodePool,
                 mistake |= {"answer": main_face.prediction.label, "probability": main_face.prediction.probability}
                 mistakes.append(mistake | {"box": list(main_face.box)})
         progress.advance(len(outcomes))
-    groups = summarize_groups([label for _, label in items], answers, [group_of(p) for p, _ in items], checkpoint.class_names)
+    groups = summarize_groups([label for _, label in items], answers, [groups_of(p) for p, _ in items], checkpoint.class_names)
     summary = summarize(truth, predicted, checkpoint.class_names, no_face)
     return summary | {"unreadable": failed, "groups": groups, "mistakes": mistakes}
 

@@ -37,12 +37,13 @@ def summarize(truth: list[int], predicted: list[int], class_names: list[str], un
 
 
 def summarize_groups(
-    truth: list[int], predicted: list[int | None], groups: list[str | None], class_names: list[str]
+    truth: list[int], predicted: list[int | None], groups: list[list[str]], class_names: list[str]
 ) -> dict[str, dict]:
-    """summarize() for each named group (None: no group); a None prediction is an unanswered picture."""
+    """summarize() for each group that some example is in (an example may be in several, or none); a
+    None prediction is an unanswered picture."""
     out = {}
-    for group in sorted({g for g in groups if g is not None}):
-        keep = [i for i, g in enumerate(groups) if g == group]
+    for group in sorted({g for gs in groups for g in gs}):
+        keep = [i for i, gs in enumerate(groups) if group in gs]
         answered = [i for i in keep if predicted[i] is not None]
         out[group] = summarize(
             [truth[i] for i in answered],
