@@ -210,6 +210,12 @@ def test_each_source_gets_its_share_of_an_epoch_and_each_class_half_of_it(expone
         ("aaf_00543A10.jpg", ["age under 18"]),
         ("01070A18.jpg", ["age 18-29"]),
         ("aaf_12345A59.jpg", ["age 45-59"]),
+        ("aaf_00001A29.jpg", ["age 18-29"]),
+        ("01070A30.jpg", ["age 30-44"]),
+        ("utk_44_0_3_20170109.jpg", ["indian", "age 30-44"]),
+        ("utk_45_0_4_20170109.jpg", ["other", "age 45-59"]),
+        ("utk_60_1_0_20170109.jpg", ["white", "age 60+"]),
+        ("Aaron_Eckhart_0001.jpg", []),  # LFW's names
         ("imfdb_Suryakantham_12.jpg", ["Suryakantham"]),
         ("000123.jpg", []),
         ("scut_AF12.jpg", []),

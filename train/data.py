@@ -71,7 +71,8 @@ def race_of(path: Path) -> str | None:
 
 
 def age_of(path: Path) -> int | None:
-    """The age that UTKFace's (`<age>_...`) or All-Age-Faces' (`<serial>A<age>`) file names tell."""
+    """The age that UTKFace's (`[utk_]<age>_...`) or All-Age-Faces' (`[aaf_]<serial>A<age>`) file
+    names tell; None for any other name."""
     fields = _utkface_fields(path)
     if fields:
         return int(fields[0])
