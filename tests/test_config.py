@@ -57,6 +57,8 @@ def test_a_checkpoint_symlink_is_kept_as_a_symlink(tmp_path):
         ("logging: {level: loud}\n", "logging.level"),
         ("rotation: {max_bytes: 1, keep: 3}\n", "rotation.keep"),
         ("inbox: 5\n", "inbox"),
+        ("batch: {decode_seconds: .nan}\n", "batch.decode_seconds"),  # a deadline that never fires
+        ("intake: {settle_seconds: .inf}\n", "intake.settle_seconds"),
     ],
 )
 def test_bad_values_name_the_key(tmp_path, text, key):
@@ -64,9 +66,18 @@ def test_bad_values_name_the_key(tmp_path, text, key):
         configuration.load(write(tmp_path, text))
 
 
+def test_a_negative_value_where_zero_is_allowed_says_so(tmp_path):
+    with pytest.raises(ConfigError, match=re.escape("'intake.settle_seconds' must not be negative")):
+        configuration.load(write(tmp_path, "intake: {settle_seconds: -1}\n"))
+
+
 def test_not_yaml_or_not_a_mapping(tmp_path):
     with pytest.raises(ConfigError, match="not valid YAML"):
         configuration.load(write(tmp_path, "a: [\n"))
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes("inbox: caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        configuration.load(latin1)
     with pytest.raises(ConfigError, match="mapping"):
         configuration.load(write(tmp_path, "- 1\n"))
 

@@ -2,7 +2,10 @@ import os
 import struct
 import time
 
-from watcher.intake import (
+import structlog.testing
+
+from watcher import intake as intake_module
+from watcher.inotify import (
     CHANGED,
     CLOSED,
     IN_CLOSE_WRITE,
@@ -12,10 +15,9 @@ from watcher.intake import (
     IN_ISDIR,
     IN_MOVED_TO,
     IN_Q_OVERFLOW,
-    Intake,
-    is_waiting_name,
     parse_events,
 )
+from watcher.intake import Intake, is_waiting_name
 
 
 def test_waiting_names():
@@ -144,3 +146,53 @@ def test_a_gone_folder_is_watched_anew_even_when_its_successor_has_the_same_inod
         assert intake._watch is not None and intake._watch is not first
     finally:
         intake.stop()
+
+
+def test_a_watch_that_cannot_be_set_up_leaves_the_listings_to_find_files(tmp_path, monkeypatch):
+    def no_watch(*_args):
+        raise OSError(28, "inotify_add_watch: No space left on device")
+
+    monkeypatch.setattr(intake_module, "FolderWatch", no_watch)
+    intake = Intake(tmp_path, 0.0, watch=True)
+    (tmp_path / "a.jpg").write_bytes(b"x")
+    with structlog.testing.capture_logs() as logs:
+        intake.rescan()
+    assert [e["event"] for e in logs] == ["inbox_watch_failed"] and "No space left" in logs[0]["reason"]
+    intake.take()
+    assert intake.take() == [tmp_path / "a.jpg"]
+
+
+def test_an_inbox_that_cannot_be_listed_is_waited_for_and_said_once(tmp_path, monkeypatch):
+    intake = Intake(tmp_path, 0.0)
+    (tmp_path / "a.jpg").write_bytes(b"x")
+    real_scandir = os.scandir
+
+    def refused(path):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(intake_module.os, "scandir", refused)
+    with structlog.testing.capture_logs() as logs:
+        intake.rescan()
+        intake.rescan()
+    assert [e["event"] for e in logs] == ["inbox_unreadable"] and intake.missing
+    monkeypatch.setattr(intake_module.os, "scandir", real_scandir)
+    with structlog.testing.capture_logs() as logs:
+        intake.rescan()
+    assert [e["event"] for e in logs] == ["inbox_back"] and not intake.missing
+    intake.take()
+    assert intake.take() == [tmp_path / "a.jpg"]
+
+
+def test_a_folder_that_cannot_be_served_is_not_listed_until_it_can(tmp_path):
+    problems = ["'done' is on another filesystem than 'inbox'"]
+    intake = Intake(tmp_path, 0.0, problem=lambda: problems[0] if problems else None)
+    (tmp_path / "a.jpg").write_bytes(b"x")
+    with structlog.testing.capture_logs() as logs:
+        intake.rescan()
+        intake.rescan()
+    assert [(e["event"], e["reason"]) for e in logs] == [("inbox_unusable", problems[0])]
+    assert intake.missing and intake.take() == []
+    problems.clear()  # fixed: the same folder is now asked again and served
+    intake.rescan()
+    intake.take()
+    assert not intake.missing and intake.take() == [tmp_path / "a.jpg"]

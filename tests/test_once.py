@@ -173,15 +173,16 @@ def test_default_output_is_process_results_json_in_the_current_folder(tmp_path, 
     assert list(json.loads((tmp_path / "process_results.json").read_text())) == ["a.jpg"]
 
 
-def test_once_on_the_current_folder_skips_its_own_results_file(tmp_path, tiny_checkpoint):
+def test_once_on_the_current_folder_skips_its_own_results_and_details_files(tmp_path, tiny_checkpoint):
     photos = tmp_path / "photos"
     photos.mkdir()
     (photos / "a.jpg").write_bytes(image_bytes())
     config = str(config_for(tmp_path, tiny_checkpoint))
-    for _ in range(2):  # the second pass finds process_results.json in the folder: not an input
-        proc = run_cli("--once", ".", "--config", config, cwd=photos)
+    for _ in range(2):  # the second pass finds its own two files in the folder: not inputs
+        proc = run_cli("--once", ".", "--details", "faces.jsonl", "--config", config, cwd=photos)
         assert proc.returncode == 0, proc.stderr
     assert list(json.loads((photos / "process_results.json").read_text())) == ["a.jpg"]
+    assert [json.loads(line)["file"] for line in (photos / "faces.jsonl").read_text().splitlines()] == ["a.jpg"]
 
 
 def test_usage_and_config_errors_exit_2(tmp_path, tiny_checkpoint):
@@ -201,3 +202,6 @@ def test_usage_and_config_errors_exit_2(tmp_path, tiny_checkpoint):
     assert proc.returncode == 2 and "cannot write" in proc.stderr
     proc = run_cli("--once", str(tmp_path), "--move", "--output", str(tmp_path / "r.json"))
     assert proc.returncode == 2 and "--output is for --once alone" in proc.stderr
+    for option in ("--output", "--details"):  # refused, not ignored while the service starts
+        proc = run_cli(option, str(tmp_path / "r.json"))
+        assert proc.returncode == 2 and f"{option} goes with --once" in proc.stderr

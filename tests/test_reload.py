@@ -2,6 +2,7 @@
 checkpoint whose canary pass fails is refused; the watch follows a swapped folder."""
 
 import os
+import threading
 import time
 
 import pytest
@@ -94,7 +95,7 @@ def test_a_watch_that_cannot_be_set_up_leaves_polling_to_retry(tmp_path, monkeyp
     def no_watches(*args, **kwargs):
         raise OSError(28, "inotify watch limit reached")
 
-    monkeypatch.setattr(reload.InotifyObserver, "schedule", no_watches)
+    monkeypatch.setattr(reload, "FolderWatch", no_watches)
     reloader.start_watching()  # logs the failure instead of stopping the service
     monkeypatch.undo()
     second = make_tiny_checkpoint(tmp_path / "new.pt", seed=2)
@@ -130,3 +131,31 @@ def test_step_on_sighup_for_a_missing_file_logs_the_refusal(tmp_path, capsys):
     log.setup("info", "json")
     assert reloader.step(time.monotonic(), sighup=True)[0] is None
     assert "reload_refused" in capsys.readouterr().err
+
+
+def test_a_load_is_collected_as_soon_as_it_wakes_the_loop(tmp_path):
+    path = tmp_path / "model.pt"
+    make_tiny_checkpoint(path, seed=1)
+    woke, collected = threading.Event(), threading.Event()
+
+    def wake():  # the load thread is still inside this call while the loop collects
+        woke.set()
+        collected.wait(10)
+
+    reloader = Reloader(path, "auto", ckpt.load(path), wake=wake)
+    assert reloader.poll(force=True)
+    assert woke.wait(10)
+    try:
+        assert isinstance(reloader.collect(), ckpt.Checkpoint)
+    finally:
+        collected.set()
+
+
+def test_a_missing_checkpoint_is_looked_for_at_the_slow_poll(tmp_path):
+    path = tmp_path / "model.pt"
+    make_tiny_checkpoint(path, seed=1)
+    reloader = Reloader(path, "auto", ckpt.load(path), poll_seconds=30.0)
+    path.unlink()
+    due = time.monotonic() + 30.0
+    _, ask_again = reloader.step(due)
+    assert not reloader.changing and ask_again == pytest.approx(due + 30.0)

@@ -78,17 +78,6 @@ def test_a_journal_of_failed_files_rolls_over_by_itself(tmp_path):
     s.close()
 
 
-def test_rotation_interrupted_between_renames_is_finished(tmp_path):
-    s = store_in(tmp_path, max_bytes=10)
-    s.recover()
-    s.commit([rec("a.jpg")])
-    s.close()
-    s.results.rename(numbered(s.results, 1))  # crash right after the first rename
-    again = store_in(tmp_path, max_bytes=10)
-    assert again.recover() == []
-    assert numbered(s.journal, 1).exists() and json.loads(again.results.read_text()) == {}
-
-
 def test_rotation_never_leaves_the_results_file_missing(tmp_path, monkeypatch):
     s = store_in(tmp_path, max_bytes=30)
     s.recover()

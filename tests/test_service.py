@@ -12,6 +12,9 @@ import pytest
 
 from bench.harness import ServiceProcess, child_pids, decode_worker_pids, drop
 from tests.conftest import image_bytes, make_tiny_checkpoint
+from watcher import config as configuration
+from watcher.notify import notify
+from watcher.service import Service
 
 IMG = image_bytes()
 
@@ -272,3 +275,16 @@ def test_an_inbox_lock_planted_by_someone_else_does_not_keep_the_service_out(ser
     service.wait_handled(1)
     assert service.stop() == 0
     assert not (tmp_path / "elsewhere").exists()
+
+
+def test_a_second_stop_signal_ends_the_grace_period_at_once():
+    svc = Service(configuration.load(None))
+    svc._on_stop(signal.SIGTERM, None)
+    assert not svc._stop_overdue()  # the batch in hand may still finish
+    svc._on_stop(signal.SIGINT, None)
+    assert svc._stop_overdue() and svc.stop_signal == signal.SIGTERM
+
+
+def test_notify_never_raises_on_a_socket_that_is_gone(tmp_path, monkeypatch):
+    monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "gone.sock"))
+    notify("WATCHDOG=1")  # a stale socket must not stop the service

@@ -54,7 +54,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="FILE",
         help="with --once: also write one JSON line per file with every face found (box, score, label, probability)",
     )
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.once is None:
+        for name in ("move", "output", "details"):
+            if getattr(args, name):
+                p.error(f"--{name} goes with --once")
+    elif args.move and (args.output is not None or args.details is not None):
+        p.error(
+            "--once --move keeps the configured rolling results and journal; --output is for --once alone, and so is --details"
+        )
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,21 +75,12 @@ def main(argv: list[str] | None = None) -> int:
     # Imported here: they import torch (and PIL), which would make --help and config errors slow.
     from model.checkpoint import CheckpointError
     from watcher import once, pipeline, service, startup
+    from watcher.results import JournalError
 
     try:
         if args.once is None:
-            if args.move:
-                print("error: --move goes with --once", file=sys.stderr)
-                return 2
             return service.Service(config).run()
         if args.move:
-            if args.output is not None or args.details is not None:
-                print(
-                    "error: --once --move keeps the configured rolling results and journal; "
-                    "--output is for --once alone, and so is --details",
-                    file=sys.stderr,
-                )
-                return 2
             if args.once.resolve() != config.inbox:
                 print(f"error: --once --move works on the configured inbox ({config.inbox}), not {args.once}", file=sys.stderr)
                 return 2
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
                 return 2
         with pipeline.decode_pool(config) as pool:
             return once.classify_folder(args.once, output, config, pool, details=args.details)
-    except (configuration.ConfigError, CheckpointError, startup.StartupError) as exc:
+    except (configuration.ConfigError, CheckpointError, startup.StartupError, JournalError) as exc:
         logger.error("cannot_start", reason=str(exc))  # one message: the log goes to stderr too
         return 2
     except Exception as exc:

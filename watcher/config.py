@@ -6,6 +6,7 @@ same values as DEFAULTS below (a test keeps them equal).
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from dataclasses import asdict, dataclass
@@ -138,8 +139,12 @@ def _merge(defaults: dict, given: dict, prefix: str, source: str) -> dict:
             raise ConfigError(f"{source}: '{name}' must be {type(default).__name__}, found {value!r}")
         if name in CHOICES and value not in CHOICES[name]:
             raise ConfigError(f"{source}: '{name}' must be one of {', '.join(CHOICES[name])}, found {value!r}")
-        if (name in POSITIVE and value <= 0) or (isinstance(value, (int, float)) and value < 0):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{source}: '{name}' must be a finite number, found {value!r}")
+        if name in POSITIVE and value <= 0:
             raise ConfigError(f"{source}: '{name}' must be positive, found {value!r}")
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
+            raise ConfigError(f"{source}: '{name}' must not be negative, found {value!r}")
         out[key] = value
     return out
 
@@ -155,6 +160,8 @@ def load(path: str | Path | None = None) -> Config:
             given = yaml.safe_load(path.read_text()) or {}
         except OSError as exc:
             raise ConfigError(f"{source}: cannot read config: {exc.strerror}") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{source}: not UTF-8 text (byte {exc.start}): {exc.reason}") from None
         except yaml.YAMLError as exc:
             raise ConfigError(f"{source}: not valid YAML: {exc}") from None
         if not isinstance(given, dict):
@@ -190,12 +197,8 @@ def check_service_paths(config: Config, inbox_may_be_missing: bool = False) -> N
         _check_writable_dir(config, key, getattr(config, key))
     for key in ("results", "journal"):
         _check_writable_dir(config, key, getattr(config, key).parent)
-    for key in ("done", "failed"):
-        if "inbox" in keys and getattr(config, key).stat().st_dev != config.inbox.stat().st_dev:
-            raise ConfigError(
-                f"{config.source}: '{key}' ({getattr(config, key)}) is on another filesystem than 'inbox' ({config.inbox}); "
-                "moves must be atomic renames"
-            )
+    if "inbox" in keys and (problem := inbox_problem(config)):
+        raise ConfigError(problem)
     # Nothing the service writes may live in the inbox: files there are input, and whoever may write
     # into the inbox can rename a sub-folder of it and put a symlink to anywhere in its place.
     for key, path in [
@@ -211,6 +214,25 @@ def check_service_paths(config: Config, inbox_may_be_missing: bool = False) -> N
             )
     if not config.checkpoint.is_file():
         raise ConfigError(f"{config.source}: 'checkpoint' ({config.checkpoint}) is not a file")
+
+
+def inbox_problem(config: Config) -> str | None:
+    """Why the inbox as it is now cannot be served, or None: it must be a writable folder on the
+    filesystem of done/ and failed/. Checked at start, and by the service whenever the folder
+    appears or is replaced."""
+    try:
+        _check_writable_dir(config, "inbox", config.inbox)
+        for key in ("done", "failed"):
+            if getattr(config, key).stat().st_dev != config.inbox.stat().st_dev:
+                return (
+                    f"{config.source}: '{key}' ({getattr(config, key)}) is on another filesystem than 'inbox' "
+                    f"({config.inbox}); moves must be atomic renames"
+                )
+    except ConfigError as exc:
+        return str(exc)
+    except OSError as exc:
+        return f"{config.source}: cannot look at 'inbox' ({config.inbox}) or the folders beside it: {exc.strerror}"
+    return None
 
 
 def _check_writable_dir(config: Config, key: str, folder: Path) -> None:

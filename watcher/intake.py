@@ -11,107 +11,30 @@ wait until renamed. Sub-folders are
 left alone. Symlinks, FIFOs, sockets and devices are ready at once, without waiting to settle: the
 pipeline quarantines them in failed/ without reading them.
 
-The inbox is watched with inotify directly, not through watchdog's observer: asked only for
-close-after-write, moved-in and created, the kernel sends one event per arriving file and none
-for the service's own reads and moves out of the inbox, where watchdog's observer (every event
-type, three threads per event) took almost as much CPU per file as the forward pass. The watch
+The inbox is watched with inotify (watcher.inotify): one event per arriving file. The watch
 thread only records hints and calls `wake`; all decisions are made by the service's main loop
 through `take`.
 """
 
 from __future__ import annotations
 
-import ctypes
 import os
-import select
 import stat
-import struct
 import threading
 import time
 from collections.abc import Callable
-from contextlib import suppress
 from pathlib import Path
 
 from watcher import log
+from watcher.inotify import CHANGED, CLOSED, FolderWatch
 
 # Firefox and curl write .part, Chrome and Edge .crdownload, some tools .partial.
 WAITING_SUFFIXES = (".part", ".partial", ".crdownload", ".tmp", "~")
-CLOSED, CHANGED = "closed", "changed"
-
-# inotify(7)
-IN_CLOSE_WRITE, IN_MOVED_TO, IN_CREATE, IN_Q_OVERFLOW, IN_ISDIR = 0x8, 0x80, 0x100, 0x4000, 0x40000000
-IN_DELETE_SELF, IN_MOVE_SELF, IN_IGNORED = 0x400, 0x800, 0x8000  # the watched folder itself went away
 MISSING_RECHECK = 1.0  # seconds between looks for an inbox that is missing
-IN_NONBLOCK, IN_CLOEXEC = os.O_NONBLOCK, os.O_CLOEXEC
-EVENT_HEADER = struct.Struct("iIII")  # wd, mask, cookie, length of the NUL-padded name that follows
 
 
 def is_waiting_name(name: str) -> bool:
     return name.startswith(".") or name.endswith(WAITING_SUFFIXES)
-
-
-def parse_events(data: bytes) -> tuple[dict[str, str], bool, bool]:
-    """inotify events as read -> ({name: CLOSED or CHANGED}, whether the folder needs a full look,
-    whether the watched folder itself is gone). A full look: the kernel dropped events, or the
-    folder was deleted or renamed; a gone folder's watch is dead even where a new folder gets
-    the same inode number. Sub-folders are left out; a file both created and closed in one read
-    is CLOSED."""
-    hints: dict[str, str] = {}
-    look_again, gone, offset = False, False, 0
-    while offset < len(data):
-        _, mask, _, length = EVENT_HEADER.unpack_from(data, offset)
-        name = os.fsdecode(data[offset + EVENT_HEADER.size : offset + EVENT_HEADER.size + length].rstrip(b"\0"))
-        offset += EVENT_HEADER.size + length
-        gone |= bool(mask & (IN_DELETE_SELF | IN_MOVE_SELF | IN_IGNORED))
-        look_again |= bool(mask & IN_Q_OVERFLOW)
-        if name and not mask & IN_ISDIR and hints.get(name) != CLOSED:
-            hints[name] = CHANGED if mask & IN_CREATE else CLOSED
-    return hints, look_again or gone, gone
-
-
-class InboxWatch:
-    """A thread that reads the inbox's inotify events and passes them on as hints, one call per
-    read: `on_hints({name: CLOSED or CHANGED})`, or `on_look_again(gone)` when the kernel dropped
-    events or the folder itself went away."""
-
-    def __init__(self, folder: Path, on_hints: Callable[[dict[str, str]], None], on_look_again: Callable[[bool], None]) -> None:
-        self.on_hints, self.on_look_again = on_hints, on_look_again
-        libc = ctypes.CDLL(None, use_errno=True)
-        self._fd = libc.inotify_init1(IN_NONBLOCK | IN_CLOEXEC)
-        if self._fd < 0:
-            raise OSError(ctypes.get_errno(), f"inotify_init1: {os.strerror(ctypes.get_errno())}")
-        mask = IN_CLOSE_WRITE | IN_MOVED_TO | IN_CREATE | IN_DELETE_SELF | IN_MOVE_SELF
-        if libc.inotify_add_watch(self._fd, os.fsencode(folder), mask) < 0:
-            errno = ctypes.get_errno()
-            os.close(self._fd)
-            raise OSError(errno, f"inotify_add_watch {folder}: {os.strerror(errno)}")
-        self._stop_r, self._stop_w = os.pipe()
-        self._thread = threading.Thread(target=self._run, name="inbox-watch", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        """Until stopped. Owns the inotify descriptor and the pipe's read end, and closes them."""
-        try:
-            while self._stop_r not in select.select([self._fd, self._stop_r], [], [])[0]:
-                try:
-                    hints, look_again, gone = parse_events(os.read(self._fd, 1 << 16))
-                    if look_again:
-                        self.on_look_again(gone)
-                    if hints:
-                        self.on_hints(hints)
-                except BlockingIOError:
-                    continue
-                except Exception as exc:  # keep watching: the rescans cover what this pass missed
-                    log.get().error("inbox_watch_error", reason=f"{type(exc).__name__}: {exc}")
-        finally:
-            os.close(self._fd)
-            os.close(self._stop_r)
-
-    def stop(self) -> None:
-        with suppress(OSError):  # the thread has ended already
-            os.write(self._stop_w, b"!")
-        self._thread.join(timeout=5)
-        os.close(self._stop_w)
 
 
 class Intake:
@@ -126,20 +49,25 @@ class Intake:
         rescan_seconds: float = float("inf"),
         watch: bool = False,
         wake: Callable[[], None] = lambda: None,
+        problem: Callable[[], str | None] = lambda: None,
     ) -> None:
-        """`rescan_seconds`: how often a full listing is due; `watch`: with inotify hints."""
+        """`rescan_seconds`: how often a full listing is due; `watch`: with inotify hints;
+        `problem`: why the folder found at the inbox's path cannot be served (None: it can), asked
+        whenever a folder appears there."""
         self.inbox, self.settle, self.rescan_seconds, self.wake = inbox, settle, rescan_seconds, wake
+        self.problem = problem
         self._use_watch = watch
         self._lock = threading.Lock()
         self._hints: dict[str, str] = {}
         self._candidates: dict[str, tuple[int, int, float]] = {}  # name -> (size, mtime_ns, first seen so)
         self._taken: set[str] = set()
-        self._watch: InboxWatch | None = None
+        self._watch: FolderWatch | None = None
         self._watched: tuple[int, int] | None = None  # (device, inode) of the folder listed last
         self._last_rescan = 0.0
         self._look_again = False  # set by the watch thread
         self._watch_gone = False  # set by the watch thread: the watched folder went away
-        self.missing = False
+        self.missing = False  # no usable inbox: looked for every MISSING_RECHECK seconds
+        self._missing_why: tuple[str, str | None] | None = None  # the log event said for it
 
     # -- watch thread ----------------------------------------------------------------------
     def hint(self, hints: dict[str, str]) -> None:
@@ -178,33 +106,50 @@ class Intake:
             info = os.stat(self.inbox)
             if not stat.S_ISDIR(info.st_mode):
                 raise NotADirectoryError
-            if (info.st_dev, info.st_ino) != self._watched or self._watch_gone:
-                self._watch_folder((info.st_dev, info.st_ino))
+            identity = (info.st_dev, info.st_ino)
+            if identity != self._watched and (problem := self.problem()):
+                self._set_missing("inbox_unusable", problem)
+                return
+            if identity != self._watched or self._watch_gone:
+                self._watch_folder(identity)
             with os.scandir(self.inbox) as entries:
                 names = [e.name for e in entries]
         except (FileNotFoundError, NotADirectoryError):
-            if not self.missing:
-                log.get().error("inbox_missing", inbox=str(self.inbox), action=f"looking again every {MISSING_RECHECK:g} s")
-                self.missing = True
-                self.stop()
-                self._watched = None
+            self._set_missing("inbox_missing", None)
+            return
+        except OSError as exc:  # no permission to list it, an I/O error: wait for it as for a missing one
+            self._set_missing("inbox_unreadable", exc.strerror or str(exc))
             return
         if self.missing:
             log.get().info("inbox_back", inbox=str(self.inbox))
-            self.missing = False
+            self.missing, self._missing_why = False, None
         with self._lock:
             for name in names:
                 self._hints.setdefault(name, CHANGED)
         self.wake()
+
+    def _set_missing(self, event: str, reason: str | None) -> None:
+        """No usable inbox: stop watching, look again every MISSING_RECHECK s; say so once per cause."""
+        if self._missing_why != (event, reason):
+            why = {"reason": reason} if reason else {}
+            log.get().error(event, inbox=str(self.inbox), **why, action=f"looking again every {MISSING_RECHECK:g} s")
+            self._missing_why = (event, reason)
+        self.missing = True
+        self.stop()
+        self._watched = None
 
     def _watch_folder(self, identity: tuple[int, int]) -> None:
         if self._watched is not None:
             log.get().warning("inbox_replaced", inbox=str(self.inbox), action="watching the new folder")
         self.stop()
         self._watch_gone = False
-        if self._use_watch:
-            self._watch = InboxWatch(self.inbox, self.hint, self.look_again)
         self._watched = identity
+        if self._use_watch:
+            try:
+                self._watch = FolderWatch(self.inbox, self.hint, self.look_again)
+            except OSError as exc:  # out of inotify watches or descriptors: the full listings go on
+                action = f"finding files by a full listing every {self.rescan_seconds:g} s"
+                log.get().warning("inbox_watch_failed", inbox=str(self.inbox), reason=str(exc), action=action)
 
     def take(self, now: float | None = None) -> list[Path]:
         """Entries that are ready now, each handed out once until `release`d."""

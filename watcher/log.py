@@ -34,5 +34,5 @@ def setup(level: str = "info", fmt: str = "auto") -> None:
     )
 
 
-def get(name: str = "watcher") -> structlog.typing.FilteringBoundLogger:
-    return structlog.get_logger(name)
+def get() -> structlog.typing.FilteringBoundLogger:
+    return structlog.get_logger("watcher")

@@ -5,18 +5,28 @@ from __future__ import annotations
 import os
 import socket
 
+from watcher import log
 
-def notify(message: str) -> bool:
-    """Send e.g. 'READY=1'; returns False when not run under systemd (no NOTIFY_SOCKET)."""
+_warned = False
+
+
+def notify(message: str) -> None:
+    """Send e.g. 'READY=1' when run under systemd (NOTIFY_SOCKET set). Like sd_notify, it never
+    raises: a socket that is gone or refuses the message must not stop the service."""
     address = os.environ.get("NOTIFY_SOCKET")
     if not address:
-        return False
+        return
     if address.startswith("@"):
         address = "\0" + address[1:]  # abstract namespace
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
-        sock.connect(address)
-        sock.sendall(message.encode())
-    return True
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.connect(address)
+            sock.sendall(message.encode())
+    except OSError as exc:
+        global _warned
+        if not _warned:  # once: the watchdog pings every few seconds
+            log.get().warning("systemd_notify_failed", socket=os.environ["NOTIFY_SOCKET"], reason=str(exc))
+            _warned = True
 
 
 def watchdog_interval() -> float | None:

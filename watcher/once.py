@@ -51,10 +51,10 @@ def classify_folder(folder: Path, output: Path, config: Config, pool: DecodePool
     logger = log.get()
     checkpoint = ckpt.load(config.checkpoint, config.batch.precision)
     torch.set_num_threads(config.batch.torch_threads)
-    # `--once .` writes its results into the folder itself: that file is not one to classify
-    own_output = output.name if output.absolute().parent.resolve() == folder.resolve() else None
+    # `--once .` may write its results (and details) into the folder itself: those are not images
+    own_files = {t.name for t in (output, details) if t is not None and t.absolute().parent.resolve() == folder.resolve()}
     listed, subfolders = list_folder(folder)
-    files = [f for f in listed if f.name != own_output]
+    files = [f for f in listed if f.name not in own_files]
     logger.info("once_start", folder=str(folder), files=len(files), subfolders_skipped=subfolders, checkpoint=checkpoint.version)
     if subfolders and not files:
         logger.warning(

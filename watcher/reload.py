@@ -14,14 +14,11 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from contextlib import suppress
 from pathlib import Path
-
-from watchdog.events import FileSystemEvent, FileSystemEventHandler
-from watchdog.observers.inotify import InotifyObserver
 
 from model import checkpoint as ckpt
 from watcher import log
+from watcher.inotify import FolderWatch
 
 RECHECK_SECONDS = 0.5  # a changed checkpoint must hold still this long before it is loaded
 
@@ -70,7 +67,7 @@ class Reloader:
         self._last_seen = self._loaded_signature
         self._thread: threading.Thread | None = None
         self._result: ckpt.Checkpoint | Exception | None = None
-        self._observer: InotifyObserver | None = None
+        self._watch: FolderWatch | None = None
         self._watching = False  # asked to watch (the folder may be missing for a while)
         self._watched_folder: tuple[int, int] | None = None
         self.hinted = False  # set by the watch thread: the file may have changed
@@ -78,36 +75,29 @@ class Reloader:
     def start_watching(self) -> None:
         """Watch the checkpoint's folder. An inotify watch follows the folder itself, so when the
         folder is deleted or swapped for another (a release-style `mv`), `poll` watches anew."""
-        reloader, folder = self, str(self.path.parent)
         self._watching, self._watched_folder = True, _folder_identity(self.path.parent)
-
-        class Hints(FileSystemEventHandler):
-            def on_any_event(self, event: FileSystemEvent) -> None:
-                paths = {os.fsdecode(p) for p in (event.src_path, getattr(event, "dest_path", ""))}
-                if reloader.path.name in {os.path.basename(p) for p in paths} or folder in paths:
-                    reloader.hinted = True
-                    reloader.wake()
-
         if self._watched_folder is None:
             return  # no folder to watch yet: polls look for it
-        observer = InotifyObserver(generate_full_events=True)
         try:
-            observer.schedule(Hints(), folder, recursive=False)
-            observer.start()
+            self._watch = FolderWatch(self.path.parent, self._on_hints, self._on_look_again)
         except OSError as exc:  # gone again, no permission, out of inotify watches: polls go on
-            with suppress(Exception):
-                observer.stop()
-            log.get().warning("checkpoint_watch_failed", folder=folder, reason=str(exc))
+            log.get().warning("checkpoint_watch_failed", folder=str(self.path.parent), reason=str(exc))
             self._watched_folder = None  # the next poll tries again
-            return
-        self._observer = observer
+
+    def _on_hints(self, names: dict[str, str]) -> None:
+        if self.path.name in names:
+            self._on_look_again()
+
+    def _on_look_again(self, _gone: bool = False) -> None:
+        """Watch thread: the file may have changed (or the folder itself went away): look soon."""
+        self.hinted = True
+        self.wake()
 
     def stop_watching(self) -> None:
         self._watching = False
-        if self._observer:
-            self._observer.stop()
-            self._observer.join(timeout=5)
-            self._observer = None
+        if self._watch:
+            self._watch.stop()
+            self._watch = None
 
     def step(self, now: float, sighup: bool = False) -> tuple[ckpt.Checkpoint | None, float]:
         """One turn of the main loop: look at the file when due, at once after a hint from the
@@ -142,8 +132,9 @@ class Reloader:
 
     @property
     def changing(self) -> bool:
-        """A change was seen that has not been loaded (or refused) yet: look again soon."""
-        return self._last_seen != self._loaded_signature
+        """A change was seen that has not been loaded (or refused) yet: look again soon. A missing
+        file is not a change: the slow poll looks for it."""
+        return self._last_seen not in (None, self._loaded_signature)
 
     def poll(self, force: bool = False) -> bool:
         """Start a background load if the file changed and held still since the last poll (or if forced)."""
@@ -170,7 +161,7 @@ class Reloader:
 
     def collect(self) -> ckpt.Checkpoint | Exception | None:
         """The finished load: a new checkpoint to swap in, the error that refused it, or None."""
-        if self._thread is None or self._thread.is_alive():
+        if self._thread is None or self._result is None:  # the thread sets its result before it wakes the loop
             return None
         self._thread = None
         result, self._result = self._result, None

@@ -56,15 +56,11 @@ class ResultStore:
         """Complete a rotation that a crash interrupted. Its first step, renaming the journal to
         journal.N.jsonl, is its commit point: a newest numbered journal without its numbered
         results file and with no current journal is one, and that results file is made from
-        the numbered journal. (A results file renamed away with its journal not yet renamed is
-        what versions before 2026-11-29 left.)"""
-        journals, results = rotated_numbers(self.journal), rotated_numbers(self.results)
+        the numbered journal."""
+        journals = rotated_numbers(self.journal)
         if journals and not self.journal.exists() and not numbered(self.results, journals[-1]).exists():
             records = _read_records(numbered(self.journal, journals[-1]))
             write_atomic(numbered(self.results, journals[-1]), encode_results(_labels(records)))
-        elif results and not self.results.exists() and self.journal.exists() and results[-1] not in journals:
-            os.rename(self.journal, numbered(self.journal, results[-1]))
-            fsync_dir(self.journal.parent)
 
     def commit(self, records: list[dict]) -> None:
         """Append records and fsync: from here on they are durable. Then rewrite the results file."""
@@ -109,6 +105,11 @@ class ResultStore:
             self._journal_file = None
 
 
+class JournalError(ValueError):
+    """A journal line that cannot be read: the service will not start on it (nothing is lost by
+    waiting; guessing could drop or repeat answers)."""
+
+
 def _read_records(journal: Path) -> list[dict]:
     """A journal's records; a torn last line (no newline: never committed) is cut off the file."""
     if not journal.exists():
@@ -117,7 +118,17 @@ def _read_records(journal: Path) -> list[dict]:
     good = data[: data.rfind(b"\n") + 1]
     if len(good) != len(data):
         os.truncate(journal, len(good))
-    return [exact_names(json.loads(line)) for line in good.splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(good.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(exact_names(json.loads(line)))
+        except (ValueError, TypeError, AttributeError) as exc:
+            raise JournalError(
+                f"{journal}, line {number}: not a journal record ({exc}); repair or remove that line to start"
+            ) from None
+    return records
 
 
 def exact_names(record: dict) -> dict:

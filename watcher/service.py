@@ -12,6 +12,7 @@ the decode processes when no file has come for `batch.decode_idle_seconds`.
 
 from __future__ import annotations
 
+import functools
 import os
 import select
 import signal
@@ -25,7 +26,7 @@ import torch
 from model import checkpoint as ckpt
 from model.pool import DecodeCancelled, PendingDecode
 from watcher import log, pipeline, startup
-from watcher.config import Config
+from watcher.config import Config, inbox_problem
 from watcher.intake import Intake
 from watcher.notify import notify, watchdog_interval
 from watcher.reload import Reloader
@@ -57,10 +58,6 @@ class Waker:
                 while self._read.recv(4096):
                     pass
 
-    def close(self) -> None:
-        self._read.close()
-        self._write.close()
-
 
 class Service:
     def __init__(self, config: Config) -> None:
@@ -73,8 +70,12 @@ class Service:
 
     # Signal handlers only record; set_wakeup_fd makes the signal itself wake the loop.
     def _on_stop(self, signum: int, _frame: object) -> None:
-        self.stop_signal = signum
-        self.stop_requested_at = time.monotonic()
+        """The first stop signal starts the grace period; a second one ends it at once."""
+        if self.stop_signal is None:
+            self.stop_signal = signum
+            self.stop_requested_at = time.monotonic()
+        else:
+            self.stop_requested_at = float("-inf")
 
     def _stop_overdue(self) -> bool:
         return self.stop_signal is not None and time.monotonic() - self.stop_requested_at >= STOP_GRACE
@@ -98,7 +99,8 @@ class Service:
             pipeline.decode_pool(config, cancelled=self._stop_overdue, **beats) as pool,
         ):
             timing = config.intake.settle_seconds, config.intake.rescan_seconds
-            intake = Intake(config.inbox, *timing, watch=config.intake.watch, wake=self.waker.wake)
+            problem = functools.partial(inbox_problem, config)
+            intake = Intake(config.inbox, *timing, watch=config.intake.watch, wake=self.waker.wake, problem=problem)
             intake.rescan()
             reloader = Reloader(config.checkpoint, config.batch.precision, model, self.waker.wake, config.reload.poll_seconds)
             reloader.start_watching()
@@ -169,7 +171,7 @@ class Service:
             batch, checkpoint = in_flight
             in_flight = None
             pool.wait(batch)
-            if start_next:
+            if start_next and self.stop_signal is None:
                 take_ready()
                 if pending:
                     in_flight = start_batch()
