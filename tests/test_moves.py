@@ -3,6 +3,7 @@ import os
 import pytest
 
 from model.files import file_identity
+from watcher import moves
 from watcher.moves import COUNTED, move_no_clobber, unique_name
 from watcher.pipeline import complete_moves
 
@@ -52,7 +53,12 @@ def test_unique_name_of_a_name_that_is_not_utf8(tmp_path):
     (tmp_path / other).write_text("x")
 
 
-def test_move_never_overwrites(tmp_path):
+@pytest.mark.parametrize("kernel_refuses", [True, False], ids=["renameat2", "check-then-rename"])
+def test_move_never_overwrites(tmp_path, monkeypatch, kernel_refuses):
+    if not kernel_refuses:  # a C library or filesystem without RENAME_NOREPLACE
+        monkeypatch.setattr(moves, "_renameat2", None)
+    elif moves._renameat2 is None:
+        pytest.skip("this C library has no renameat2")
     (tmp_path / "a").write_text("new")
     (tmp_path / "b").write_text("old")
     with pytest.raises(FileExistsError):
@@ -60,6 +66,8 @@ def test_move_never_overwrites(tmp_path):
     assert (tmp_path / "b").read_text() == "old"
     move_no_clobber(tmp_path / "a", tmp_path / "c")
     assert (tmp_path / "c").read_text() == "new" and not (tmp_path / "a").exists()
+    with pytest.raises(FileNotFoundError):  # what the pipeline tells a vanished file by
+        move_no_clobber(tmp_path / "a", tmp_path / "d")
 
 
 def test_moves_symlinks_and_fifos_themselves(tmp_path):

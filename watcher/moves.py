@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import os
 import random
 from collections.abc import Container
@@ -9,6 +11,8 @@ from pathlib import Path
 
 NAME_MAX = 255
 COUNTED = 100  # repeats of one name numbered __2 ... __100; after that, numbers at random
+AT_FDCWD, RENAME_NOREPLACE = -100, 1  # <fcntl.h>, <linux/fs.h>
+_renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)  # glibc 2.28 and later
 
 
 def unique_name(folder: Path, name: str, taken: Container[str] = ()) -> str:
@@ -30,11 +34,21 @@ def unique_name(folder: Path, name: str, taken: Container[str] = ()) -> str:
 
 
 def move_no_clobber(source: Path, destination: Path) -> None:
-    """Rename source to destination (same filesystem), refusing to replace an existing file.
+    """Rename source to destination (same filesystem), refusing to replace an existing entry.
 
-    The service is the only writer of done/ and failed/ (it holds the lock of its results folder),
-    so the check before the rename cannot race with another move of ours.
+    The kernel refuses it (renameat2 with RENAME_NOREPLACE), so not even another process moving
+    into the same folder can be overwritten. Where the C library or the filesystem lacks that,
+    a check before the rename, which is enough for the service: it is the only writer of done/
+    and failed/ that holds the lock of its results folder.
     """
+    if _renameat2 is not None:
+        if _renameat2(AT_FDCWD, os.fsencode(source), AT_FDCWD, os.fsencode(destination), RENAME_NOREPLACE) == 0:
+            return
+        error = ctypes.get_errno()
+        if error not in (errno.EINVAL, errno.ENOSYS):  # EINVAL: the filesystem has no RENAME_NOREPLACE
+            if error == errno.EEXIST:
+                raise FileExistsError(error, f"{destination} already exists; not overwriting it with {source}")
+            raise OSError(error, os.strerror(error), str(source), None, str(destination))
     if os.path.lexists(destination):
-        raise FileExistsError(f"{destination} already exists; not overwriting it with {source}")
+        raise FileExistsError(errno.EEXIST, f"{destination} already exists; not overwriting it with {source}")
     os.rename(source, destination)
