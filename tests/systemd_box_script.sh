@@ -8,9 +8,8 @@ say() { echo "CHECK $*"; }
 state=/var/lib/gender-watcher
 
 systemd-sysusers "$ROOT/systemd/gender-watcher.sysusers"
-for d in "$state" "$state/inbox" "$state/done" "$state/failed" "$state/results"; do
-  install -d -o gender-watcher -g gender-watcher "$d"
-done
+install -d -o gender-watcher -g gender-watcher "$state" "$state/inbox"
+install -d -m 0750 -o gender-watcher -g gender-watcher "$state/done" "$state/failed" "$state/results"
 install -d /etc/gender-watcher
 sed "s#^checkpoint: .*#checkpoint: $state/model.pt#" "$ROOT/systemd/config.yaml" > /etc/gender-watcher/config.yaml
 install -o gender-watcher -g gender-watcher -m 0644 /box/out/first.pt "$state/model.pt"
