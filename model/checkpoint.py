@@ -61,6 +61,12 @@ class Checkpoint:
         return Preprocessing(self.chip, self.detector, rules)
 
 
+def model_input(checkpoint: Checkpoint, batch: torch.Tensor) -> torch.Tensor:
+    """uint8 (N, 3, H, W) -> what the checkpoint's model takes: normalized, channels-last, in the
+    float type of its weights."""
+    return normalize(batch, checkpoint.spec).to(checkpoint.dtype)
+
+
 def content_hash(state_dict: dict[str, torch.Tensor], described: dict) -> str:
     """Of the weights and of what says how to feed them (input, chip, detector): an edit to either is caught."""
     digest = hashlib.sha256()
@@ -78,17 +84,14 @@ def save(
     spec: InputSpec,
     class_names: list[str],
     meta: dict,
-    chip: ChipSpec | None = None,
-    detector: DetectorSpec | None = None,
+    chip: ChipSpec,
+    detector: DetectorSpec,
 ) -> str:
     """Write the checkpoint atomically (temp file in the same folder, fsync, rename); return its
-    version. The chip defaults to the standard template at the input's size, the detector to the
-    bundled one."""
+    version. `chip` and `detector` are the preprocessing the weights were trained with."""
     path = Path(path)
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    described = _described(
-        spec.to_dict(), (chip or ChipSpec(spec.height, spec.width)).to_dict(), (detector or DetectorSpec()).to_dict()
-    )
+    described = _described(spec.to_dict(), chip.to_dict(), detector.to_dict())
     version = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + content_hash(state, described)
     payload = {
         "format": FORMAT,
@@ -130,17 +133,28 @@ def read_bytes(path: str | Path) -> bytes:
 
 def loads(data: bytes, name: str, precision: str = "auto") -> Checkpoint:
     """`load` of a checkpoint file's bytes; `name` says where they came from in its errors."""
-    try:
-        _check_archive(data)
-        payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except CheckpointError as exc:
-        raise CheckpointError(f"checkpoint {name}: {exc}") from None
-    except Exception as exc:  # torch raises many types for damaged or unsafe files
-        raise CheckpointError(f"checkpoint {name}: cannot be read as a checkpoint ({_first_line(exc)})") from None
+    payload = _unpickled(data, name)
     try:
         return _checked(payload, precision)
     except CheckpointError as exc:
         raise CheckpointError(f"checkpoint {name}: {exc}") from None
+
+
+def read_payload(path: str | Path) -> object:
+    """What a checkpoint file holds, read as safely as `load` reads it (read_bytes, the archive's
+    sizes checked, torch.load(weights_only=True)) but not checked further: for a checkpoint of
+    any format version whose weights alone are wanted. Raise CheckpointError naming the file."""
+    return _unpickled(read_bytes(path), str(path))
+
+
+def _unpickled(data: bytes, name: str) -> object:
+    try:
+        _check_archive(data)
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except CheckpointError as exc:
+        raise CheckpointError(f"checkpoint {name}: {exc}") from None
+    except Exception as exc:  # torch raises many types for damaged or unsafe files
+        raise CheckpointError(f"checkpoint {name}: cannot be read as a checkpoint ({_first_line(exc)})") from None
 
 
 def _check_archive(data: bytes) -> None:
@@ -165,6 +179,21 @@ def _check_archive(data: bytes) -> None:
 
 def _described(spec: object, chip: object, detector: object) -> dict:
     return {"input": spec, "chip": chip, "detector": detector}
+
+
+def check_weights(state: object, expected: dict[str, torch.Tensor], arch: str) -> None:
+    """Raise CheckpointError unless `state` is a dict of tensors with exactly the names, shapes and
+    dtypes of `expected` (a state_dict of `arch`, on the meta device will do), saying the first
+    that differs. Only sizes are compared: no weight is read."""
+    if not (isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values())):
+        raise CheckpointError("state_dict is not a dict of tensors")
+    if set(state) != set(expected):
+        missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected), key=str)
+        raise CheckpointError(f"weights do not fit {arch}: missing {missing[:3]}, unexpected {extra[:3]}")
+    for name, want in expected.items():
+        if state[name].shape != want.shape or state[name].dtype != want.dtype:
+            got, wanted = f"{tuple(state[name].shape)} {state[name].dtype}", f"{tuple(want.shape)} {want.dtype}"
+            raise CheckpointError(f"weights do not fit {arch}: {name} is {got}, expected {wanted}")
 
 
 def _first_line(exc: Exception) -> str:
@@ -236,15 +265,7 @@ def _checked(payload: object, precision: str) -> Checkpoint:
     except Exception as exc:
         raise CheckpointError(f"bad architecture arguments {arch_args!r}: {_first_line(exc)}") from None
     state = payload["state_dict"]
-    if not (isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values())):
-        raise CheckpointError("state_dict is not a dict of tensors")
-    if set(state) != set(expected):
-        missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected), key=str)
-        raise CheckpointError(f"weights do not fit {payload['arch']}: missing {missing[:3]}, unexpected {extra[:3]}")
-    for name, want in expected.items():
-        if state[name].shape != want.shape or state[name].dtype != want.dtype:
-            got, wanted = f"{tuple(state[name].shape)} {state[name].dtype}", f"{tuple(want.shape)} {want.dtype}"
-            raise CheckpointError(f"weights do not fit {payload['arch']}: {name} is {got}, expected {wanted}")
+    check_weights(state, expected, payload["arch"])
     described = _described(payload["input"], payload["chip"], payload["detector"])
     if content_hash(state, described) != str(payload["version"]).rsplit("-", 1)[-1]:
         raise CheckpointError(
@@ -272,7 +293,7 @@ def _canary(checkpoint: Checkpoint) -> None:
     images = torch.cat([ramp, 255 - ramp]).expand(2, 3, -1, -1)
     try:
         with torch.inference_mode():
-            out = checkpoint.model(normalize(images, spec).to(checkpoint.dtype)).float()
+            out = checkpoint.model(model_input(checkpoint, images)).float()
     except Exception as exc:  # e.g. an input too small for the network's pooling
         raise CheckpointError(f"canary forward pass failed: {_first_line(exc)}") from None
     if out.shape != (2, len(checkpoint.class_names)) or not torch.isfinite(out).all():

@@ -4,9 +4,10 @@
     for small faces in big photos, merged by NMS -> faces (box, 5 landmarks, score)
               -> similarity transform from the landmarks onto the chip's template -> uint8 chip
 
-A face-sized picture (a crop) in which no face passes the score threshold is still taken as one:
-its best weaker detection, or else the whole picture, unless it is flat or pure noise. Torch-free,
-like model.decode, so that the decode worker processes run it. The detector is YuNet from the
+A face-sized picture (a crop) in which no face passes both the score threshold and
+FaceRules.min_face_pixels is still taken as one: its best weaker detection of that size, or else
+the whole picture, unless it is flat or pure noise. Torch-free, like model.decode, so that the
+decode worker processes run it. The detector is YuNet from the
 OpenCV model zoo (MIT licence, see YUNET-LICENSE beside this file).
 """
 
@@ -14,7 +15,9 @@ from __future__ import annotations
 
 import functools
 import hashlib
-from dataclasses import asdict, dataclass
+import math
+import re
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import cv2
@@ -35,6 +38,9 @@ BOX_LANDMARKS = ((0.284, 0.384), (0.731, 0.382), (0.51, 0.586), (0.317, 0.739), 
 OUTSIDE = (128, 128, 128)
 # A picture whose longer side is at most this many pixels may be a face crop (see module docstring).
 FACE_SIZED = 512
+# A face's box also counts, smaller than FaceRules.min_face_pixels, when its shorter side is at
+# least this share of the picture's: in a crop of 13-40 px (IMFDB's smallest) the face is 11-20 px.
+CROP_FACE_SHARE = 0.5
 
 
 @dataclass(frozen=True)
@@ -56,6 +62,17 @@ class ChipSpec:
         return cls(int(d["height"]), int(d["width"]), points)
 
 
+# DetectorSpec's numeric settings: their type and the range a checkpoint's may take.
+DETECTOR_SETTINGS = (
+    ("score_threshold", float, 0.0, 1.0),
+    ("weak_threshold", float, 0.0, 1.0),
+    ("nms_threshold", float, 0.0, 1.0),
+    ("close_side", int, 1, math.inf),
+    ("far_side", int, 1, math.inf),
+    ("pad", float, 0.0, math.inf),
+)
+
+
 @dataclass(frozen=True)
 class DetectorSpec:
     """The detector and how it is run; part of the preprocessing a checkpoint was trained with."""
@@ -74,14 +91,33 @@ class DetectorSpec:
 
     @classmethod
     def from_dict(cls, d: dict) -> DetectorSpec:
-        return cls(**d)
+        """Exactly the fields to_dict writes, each of its type and in its range: a key left out
+        would silently take this code's default, even the detector's SHA-256. The ValueError names
+        the key that is wrong."""
+        if not isinstance(d, dict):
+            raise TypeError(f"a dict is needed, found {type(d).__name__}")
+        names = [f.name for f in fields(cls)]
+        missing, unexpected = [k for k in names if k not in d], sorted(set(d) - set(names), key=str)
+        if missing or unexpected:
+            raise ValueError(f"the keys must be {names}: missing {missing}, unexpected {unexpected}")
+        if not isinstance(d["name"], str):
+            raise ValueError(f"name must be a string, found {d['name']!r}")
+        if not (isinstance(d["sha256"], str) and re.fullmatch("[0-9a-f]{64}", d["sha256"])):
+            raise ValueError(f"sha256 must be 64 lowercase hex digits, found {d['sha256']!r}")
+        for name, kind, low, high in DETECTOR_SETTINGS:
+            value, allowed = d[name], f"in [{low}, {high}]" if math.isfinite(high) else f"at least {low}"
+            if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int):
+                raise ValueError(f"{name} must be {'a number' if kind is float else 'an integer'} {allowed}, found {value!r}")
+            if not (math.isfinite(value) and low <= value <= high):
+                raise ValueError(f"{name} must be {allowed}, found {value!r}")
+        return cls(d["name"], d["sha256"], **{name: kind(d[name]) for name, kind, _, _ in DETECTOR_SETTINGS})
 
 
 @dataclass(frozen=True)
 class FaceRules:
     """The serving choices: which faces count, and what a picture without one gets."""
 
-    min_face_pixels: int = 20  # shorter side of a face's box in the picture's own pixels
+    min_face_pixels: int = 20  # shorter side of a face's box in the picture's own pixels (see CROP_FACE_SHARE)
     max_faces: int = 10  # the largest ones are kept
     no_face: str = "fail"  # "answer": classify the whole picture as one face instead
 
@@ -233,10 +269,12 @@ def find_faces(rgb: np.ndarray, scale: float, chip: ChipSpec, spec: DetectorSpec
     def detected(row: np.ndarray, how: str) -> Face:
         return Face(box_of(row), round(float(row[14]), 4), how, cut_chip(rgb, row[4:14].reshape(5, 2), chip))
 
-    strong = found[found[:, 14] >= spec.score_threshold]
-    faces = [detected(row, "detected") for row in strong if min(box_of(row)[2:]) >= rules.min_face_pixels]
-    if not faces and face_sized and len(found):
-        faces.append(detected(found[0], "weak_detection"))
+    smallest = min(rules.min_face_pixels, CROP_FACE_SHARE * min(height, width) / scale)
+    big_enough = [row for row in found if min(box_of(row)[2:]) >= smallest]
+    faces = [detected(row, "detected") for row in big_enough if row[14] >= spec.score_threshold]
+    if not faces and face_sized and big_enough:
+        # the best of them, below score_threshold: every one above it is in `faces` already
+        faces.append(detected(big_enough[0], "weak_detection"))
     if not faces and (rules.no_face == "answer" or (face_sized and _looks_like_a_picture(rgb))):
         points = np.array(BOX_LANDMARKS) * (width, height)
         faces.append(Face((0.0, 0.0, width / scale, height / scale), 0.0, "whole_image", cut_chip(rgb, points, chip)))

@@ -16,11 +16,11 @@ import torch
 from torch import nn
 
 from model import DEFAULT_MAX_BYTES
-from model.checkpoint import Checkpoint
+from model.checkpoint import Checkpoint, model_input
 from model.faces import FaceRules
 from model.files import Identity
 from model.pool import DecodePool, PendingDecode
-from model.preprocess import normalize, to_batch
+from model.preprocess import to_batch
 
 
 @dataclass(frozen=True)
@@ -73,16 +73,9 @@ class Outcome:
         return {"label": self.prediction.label, "probability": self.prediction.probability, "faces": faces}
 
 
-def model_input(checkpoint: Checkpoint, batch: torch.Tensor) -> torch.Tensor:
-    """uint8 (N, 3, H, W) -> what the checkpoint's model takes: normalized, channels-last, in the
-    float type of its weights."""
-    return normalize(batch, checkpoint.spec).to(checkpoint.dtype)
-
-
 # A face whose logit margin (best class minus the other) is at least this is answered from one
 # pass: its mirror image would have to move the margin by more than twice as much to change the
-# answer, which it did for none of the 7,496 held-out faces with the shipped checkpoint and for 1
-# with the previous one (train/SWEEP.md).
+# answer, which it did for none of the 7,496 held-out faces with the shipped checkpoint.
 MIRROR_MARGIN = 2.0
 
 

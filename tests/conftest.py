@@ -25,6 +25,7 @@ needs_shared_data = pytest.mark.skipif(
 )
 TINY_ARCH = {"stem_width": 4, "widths": [8, 8]}
 TINY_SPEC = InputSpec(32, 32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+TINY_CHIP = ChipSpec(TINY_SPEC.height, TINY_SPEC.width)
 
 
 def make_tiny_checkpoint(path: Path, seed: int = 0, head_scale: float = 1.0) -> str:
@@ -34,7 +35,8 @@ def make_tiny_checkpoint(path: Path, seed: int = 0, head_scale: float = 1.0) -> 
     model = GenderNet(**TINY_ARCH).eval()
     with torch.no_grad():
         model.head[-1].weight.mul_(head_scale)
-    return ckpt.save(path, model, TINY_ARCH, TINY_SPEC, ["female", "male"], {"note": f"random weights, seed {seed}"})
+    meta = {"note": f"random weights, seed {seed}"}
+    return ckpt.save(path, model, TINY_ARCH, TINY_SPEC, ["female", "male"], meta, TINY_CHIP, DetectorSpec())
 
 
 # The generated test images hold no faces: unless a test is about faces, every picture is answered
@@ -43,7 +45,7 @@ ANSWER_EVERY_PICTURE = FaceRules(no_face="answer")
 
 
 def tiny_preprocessing(rules: FaceRules = ANSWER_EVERY_PICTURE) -> Preprocessing:
-    return Preprocessing(ChipSpec(TINY_SPEC.height, TINY_SPEC.width), DetectorSpec(), rules)
+    return Preprocessing(TINY_CHIP, DetectorSpec(), rules)
 
 
 @pytest.fixture(scope="session")

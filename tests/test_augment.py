@@ -3,10 +3,15 @@ chip's eyes."""
 
 import math
 
+import pytest
 import torch
 
-from model.faces import OUTSIDE
-from train.augment import EYES, SHIFT, ZOOM, _geometry, _glasses, augment
+import train.augment
+from model.faces import OUTSIDE, ChipSpec
+from train.augment import SHIFT, ZOOM, _geometry, _glasses, augment, eyes_of
+
+CHIP = ChipSpec(64, 64)
+EYES = eyes_of(CHIP)
 
 
 def grey_batch(n: int = 8, size: int = 64) -> torch.Tensor:
@@ -15,13 +20,13 @@ def grey_batch(n: int = 8, size: int = 64) -> torch.Tensor:
 
 def test_augment_keeps_shape_and_type():
     batch = torch.randint(0, 256, (16, 3, 64, 48), dtype=torch.uint8)
-    out = augment(batch, torch.Generator().manual_seed(0))
+    out = augment(batch, torch.Generator().manual_seed(0), ChipSpec(64, 48))
     assert out.shape == batch.shape and out.dtype == torch.uint8
 
 
 def test_strength_zero_only_mirrors():
     batch = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8)
-    out = augment(batch, torch.Generator().manual_seed(0), strength=0.0)
+    out = augment(batch, torch.Generator().manual_seed(0), ChipSpec(32, 32), strength=0.0)
     for original, augmented in zip(batch, out, strict=True):
         assert torch.equal(augmented, original) or torch.equal(augmented, original.flip(2))
 
@@ -74,3 +79,20 @@ def test_no_glasses_at_strength_zero():
     x = grey_batch().float() / 255
     out = _glasses(x.clone(), torch.tensor([EYES] * 8), torch.Generator().manual_seed(0), s=0.0)
     assert torch.equal(out, x)
+
+
+def test_the_glasses_follow_the_eyes_of_the_chip_the_faces_were_cut_with(monkeypatch):
+    lower = ChipSpec(64, 64, tuple((x, y + 0.1) for x, y in CHIP.landmarks))
+    assert eyes_of(lower) == pytest.approx((EYES[0] + 0.1, EYES[1]))
+    given = []
+
+    def glasses(x, eyes, gen, s):
+        given.append(eyes)
+        return x
+
+    monkeypatch.setattr(train.augment, "_glasses", glasses)
+    batch = grey_batch(3)
+    for chip in (CHIP, lower):
+        augment(batch, torch.Generator().manual_seed(0), chip)
+    assert [tuple(e[0].tolist()) for e in given] == [pytest.approx(EYES), pytest.approx(eyes_of(lower))]
+    assert all(len(e) == 3 for e in given)

@@ -1,5 +1,6 @@
 import os
 import pickle
+import stat
 import zipfile
 
 import pytest
@@ -9,7 +10,7 @@ from model import checkpoint as ckpt
 from model.faces import ChipSpec, DetectorSpec, FaceRules
 from model.network import ConvReLU, GenderNet
 from model.preprocess import InputSpec
-from tests.conftest import TINY_ARCH, TINY_SPEC, make_tiny_checkpoint
+from tests.conftest import TINY_ARCH, TINY_CHIP, TINY_SPEC, make_tiny_checkpoint
 
 
 def test_round_trip(tmp_path):
@@ -18,7 +19,8 @@ def test_round_trip(tmp_path):
     model = GenderNet(**TINY_ARCH)
     model(torch.randn(16, 3, 32, 32) * 3 + 1)  # training mode: batch norms learn non-trivial statistics
     model.eval()
-    version = ckpt.save(path, model, TINY_ARCH, TINY_SPEC, ["female", "male"], {"data": "x", "test_accuracy": {"all": 0.9}})
+    meta = {"data": "x", "test_accuracy": {"all": 0.9}}
+    version = ckpt.save(path, model, TINY_ARCH, TINY_SPEC, ["female", "male"], meta, TINY_CHIP, DetectorSpec())
     loaded = ckpt.load(path, "float32")
     assert loaded.version == version and loaded.spec == TINY_SPEC and loaded.class_names == ["female", "male"]
     assert loaded.meta["test_accuracy"] == {"all": 0.9}
@@ -177,7 +179,7 @@ def test_a_network_too_deep_for_its_input_fails_its_canary(tmp_path):
     model = GenderNet(stem_width=4, widths=[8, 8, 8, 8]).eval()  # three 2x2 pools: an 8x8 input is too small
     arch, spec = {"stem_width": 4, "widths": [8, 8, 8, 8]}, InputSpec(8, 8, (0.5,) * 3, (0.25,) * 3)
     with pytest.raises(ValueError, match="canary forward pass failed"):
-        ckpt.save(path, model, arch, spec, ["f", "m"], {})
+        ckpt.save(path, model, arch, spec, ["f", "m"], {}, ChipSpec(8, 8), DetectorSpec())
     state = model.state_dict()
     payload = {"format": ckpt.FORMAT, "arch": "GenderNet", "arch_args": arch, "input": spec.to_dict()}
     payload |= {"chip": ChipSpec(8, 8).to_dict(), "detector": DetectorSpec().to_dict()}
@@ -200,7 +202,7 @@ def test_save_refuses_what_load_would_refuse_and_keeps_the_good_file(good):
     with torch.no_grad():
         model.head[-1].bias[0] = float("nan")  # as a diverged training run leaves it
     with pytest.raises(ValueError, match=r"would not load.*non-finite"):
-        ckpt.save(good, model, TINY_ARCH, TINY_SPEC, ["female", "male"], {})
+        ckpt.save(good, model, TINY_ARCH, TINY_SPEC, ["female", "male"], {}, TINY_CHIP, DetectorSpec())
     assert good.read_bytes() == before
 
 
@@ -275,3 +277,48 @@ def test_a_checkpoint_that_would_unpack_to_gigabytes_is_refused_before_unpacking
         z.writestr(f"{original.namelist()[0].split('/')[0]}/data/999", bytes(300 * 1024 * 1024))
     assert bomb.stat().st_size < 2 * 1024 * 1024
     _refused(bomb, "would unpack to")
+
+
+@pytest.mark.parametrize(
+    ("edit", "match"),
+    [
+        ({"sha256": None}, r"missing \['sha256'\]"),  # else the bundled detector's hash would be taken
+        ({"score_threshold": 2.0}, r"score_threshold must be in \[0.0, 1.0\], found 2.0"),
+        ({"close_side": "320"}, "close_side must be an integer"),
+    ],
+)
+def test_a_bad_detector_setting_is_refused_naming_the_file_and_the_key(good, edit, match):
+    payload = _payload(good)
+    detector = {k: v for k, v in (payload["detector"] | edit).items() if v is not None}
+    _save_rehashed(payload | {"detector": detector}, good)
+    _refused(good, "bad detector settings .*" + match)
+
+
+def test_read_payload_reads_any_checkpoint_safely_without_checking_it(good, tmp_path):
+    payload = ckpt.read_payload(good)
+    assert payload["class_names"] == ["female", "male"] and set(payload) == set(ckpt.REQUIRED_KEYS)
+    fifo = tmp_path / "fifo.pt"
+    os.mkfifo(fifo)
+    with pytest.raises(ckpt.CheckpointError, match=f"checkpoint {fifo}: is a FIFO"):
+        ckpt.read_payload(fifo)  # torch.load would wait for a writer forever
+    text = tmp_path / "text.pt"
+    text.write_text("hello")
+    with pytest.raises(ckpt.CheckpointError, match=f"checkpoint {text}: cannot be read.*not the zip archive"):
+        ckpt.read_payload(text)
+
+
+def test_a_checkpoint_is_written_with_the_usual_mode_and_the_umask_left_alone(tmp_path, monkeypatch):
+    """0666 less the umask, as open() gives; the umask is never set, even for a moment, as other
+    threads may be creating files."""
+    real_umask = os.umask
+    before = real_umask(0o027)
+    try:
+
+        def no_umask(mask):
+            raise AssertionError("write_atomic set the umask")
+
+        monkeypatch.setattr(os, "umask", no_umask)
+        make_tiny_checkpoint(tmp_path / "m.pt")
+        assert stat.S_IMODE((tmp_path / "m.pt").stat().st_mode) == 0o640
+    finally:
+        real_umask(before)

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from model.decode import ImageError, decode_faces, decode_file
-from model.faces import NO_FACE, ChipSpec, DetectorSpec, FaceRules, Preprocessing, cut_chip, find_faces
+from model.faces import NO_FACE, ChipSpec, DetectorSpec, FaceRules, Preprocessing, cut_chip, detect, find_faces
 from model.preprocess import to_batch
 from tests.conftest import SHARED_DATA, needs_shared_data
 from train.data import TRAINING_RULES, load_dataset
@@ -160,3 +160,56 @@ def test_training_evaluation_and_serving_cut_the_same_chips(tmp_path):
     served = [decode_file(p, SERVING) for p, _ in items]
     assert torch.equal(cached.images, to_batch([d.faces[0].chip for d in served]))
     assert len(served[0].faces) == 2  # serving answers both; training takes the main face
+
+
+@needs_shared_data
+def test_a_face_under_min_face_pixels_counts_only_as_the_whole_of_a_tiny_crop():
+    """A face 20 px wide pasted into a face-sized picture: the detector finds it, mostly above the
+    score threshold, but its box is under min_face_pixels, so it is neither a face nor the
+    picture's best weaker find. The same face as a crop of its own is that crop's face."""
+    rules = FaceRules()
+    small_found = 0
+    for i, crop in enumerate(shared_faces(6, "portraits", seed=3)):
+        tiny = crop.resize((20, round(20 * crop.height / crop.width)))
+        img = background((200, 200), random.Random(i))
+        img.paste(tiny, (70, 60))
+        rgb = np.asarray(img)
+        small_found += any(min(row[2:4]) < rules.min_face_pixels for row in detect(rgb, SERVING.detector))
+        faces = find_faces(rgb, 1.0, SERVING.chip, SERVING.detector, rules)
+        assert all(f.how == "whole_image" or min(f.box[2:]) >= rules.min_face_pixels for f in faces), faces
+        (alone,) = find_faces(np.asarray(tiny), 1.0, SERVING.chip, SERVING.detector, rules)
+        assert alone.how == "detected" and min(alone.box[2:]) < rules.min_face_pixels, alone
+    assert small_found >= 4  # the case is there to be tested
+
+
+def test_detector_settings_round_trip():
+    spec = DetectorSpec(score_threshold=0.5, close_side=256)
+    assert DetectorSpec.from_dict(spec.to_dict()) == spec
+    whole_numbers = DetectorSpec.from_dict(spec.to_dict() | {"score_threshold": 1, "pad": 0})
+    assert whole_numbers.score_threshold == 1.0 and isinstance(whole_numbers.pad, float)
+
+
+@pytest.mark.parametrize(
+    ("edit", "match"),
+    [
+        ({"sha256": None}, r"missing \['sha256'\]"),
+        ({"close_side": None, "score_threshold": None}, r"missing \['score_threshold', 'close_side'\]"),
+        ({"extra": 1}, r"unexpected \['extra'\]"),
+        ({"name": 3}, "name must be a string"),
+        ({"sha256": "ABC"}, "sha256 must be 64 lowercase hex digits"),
+        ({"score_threshold": 1.5}, r"score_threshold must be in \[0.0, 1.0\], found 1.5"),
+        ({"weak_threshold": "0.3"}, "weak_threshold must be a number"),
+        ({"nms_threshold": -0.1}, "nms_threshold must be in"),
+        ({"nms_threshold": float("nan")}, "nms_threshold must be in"),
+        ({"close_side": 0}, "close_side must be at least 1, found 0"),
+        ({"far_side": 640.0}, "far_side must be an integer"),
+        ({"far_side": True}, "far_side must be an integer"),
+        ({"pad": -0.1}, "pad must be at least 0.0"),
+        ({"pad": float("inf")}, "pad must be at least 0.0"),
+    ],
+)
+def test_detector_settings_with_a_key_missing_or_wrong_are_refused_by_name(edit, match):
+    d = DetectorSpec().to_dict() | edit
+    d = {k: v for k, v in d.items() if v is not None}
+    with pytest.raises(ValueError, match=match):
+        DetectorSpec.from_dict(d)

@@ -1,5 +1,6 @@
 """Smoke training run on generated images, and the data-folder errors."""
 
+import itertools
 import json
 import os
 import random
@@ -9,17 +10,23 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image, ImageDraw
 
 from model import checkpoint as ckpt
+from model.faces import DetectorSpec, FaceRules
 from model.network import GenderNet
-from tests.conftest import TINY_SPEC, image_bytes
+from model.pool import DecodePool
+from tests.conftest import TINY_ARCH, TINY_CHIP, TINY_SPEC, image_bytes, make_tiny_checkpoint
+from train.__main__ import DevSet, initial_weights, parse_args
 from train.__main__ import main as train_main
-from train.__main__ import parse_args
 from train.data import TrainingError, find_labeled_images, groups_of, sampling_weights, source_of
+from train.evaluate import evaluate_folder
 from train.evaluate import main as evaluate_main
 from train.metrics import equal_recall_threshold, format_summary, summarize, summarize_groups
-from train.report import nice_ticks
+from train.photos import main as photos_main
+from train.photos import upright
+from train.report import nice_ticks, write_evaluation_report
 
 
 def make_faces(root, per_class=80, seed=0):
@@ -185,7 +192,7 @@ def test_evaluate_fails_when_nothing_could_be_scored(trained, tmp_path, capsys):
 def test_save_refuses_meta_that_load_would_refuse(tmp_path):
     model = GenderNet(stem_width=4, widths=[8, 8])
     with pytest.raises(ValueError, match="would not load"):
-        ckpt.save(tmp_path / "m.pt", model, {"stem_width": 4, "widths": [8, 8]}, TINY_SPEC, ["f", "m"], {"data": tmp_path})
+        ckpt.save(tmp_path / "m.pt", model, TINY_ARCH, TINY_SPEC, ["f", "m"], {"data": tmp_path}, TINY_CHIP, DetectorSpec())
     assert not (tmp_path / "m.pt").exists()
 
 
@@ -261,3 +268,94 @@ def test_help_gives_defaults_examples_and_exit_codes(module):
     assert "example" in proc.stdout and "exit status:" in proc.stdout
     assert "(default: None)" not in proc.stdout and "(default: [])" not in proc.stdout
     assert "(default: " in proc.stdout
+
+
+@pytest.fixture
+def start_from(tmp_path):
+    path = tmp_path / "start.pt"
+    make_tiny_checkpoint(path)
+    return path
+
+
+def test_init_takes_the_version_and_weights_of_a_fitting_checkpoint(start_from):
+    payload = initial_weights(start_from, TINY_ARCH)
+    assert payload["version"] == ckpt.load(start_from).version
+    GenderNet(**TINY_ARCH).load_state_dict(payload["state_dict"])
+
+
+def test_init_refuses_a_checkpoint_of_other_classes(start_from):
+    payload = torch.load(start_from, weights_only=True)
+    torch.save(payload | {"class_names": ["male", "female"]}, start_from)  # the same names, swapped
+    with pytest.raises(ckpt.CheckpointError, match=rf"checkpoint {start_from}: .*classes are \['male', 'female'\]"):
+        initial_weights(start_from, TINY_ARCH)
+
+
+def test_init_names_the_first_weight_that_does_not_fit(start_from):
+    payload = torch.load(start_from, weights_only=True)
+    name = next(iter(payload["state_dict"]))
+    want = tuple(payload["state_dict"][name].shape)
+    payload["state_dict"][name] = torch.zeros(7)
+    torch.save(payload, start_from)
+    with pytest.raises(ckpt.CheckpointError) as info:
+        initial_weights(start_from, TINY_ARCH)
+    assert f"{name} is (7,) torch.float32, expected {want} torch.float32" in str(info.value)
+    assert str(start_from) in str(info.value)
+
+
+def test_init_reads_the_checkpoint_as_safely_as_loading_does(tmp_path, capsys):
+    fifo = tmp_path / "start.pt"
+    os.mkfifo(fifo)
+    with pytest.raises(ckpt.CheckpointError, match="is a FIFO"):
+        initial_weights(fifo, TINY_ARCH)  # torch.load would wait for a writer forever
+    with pytest.raises(SystemExit):
+        parse_args(["--data", str(tmp_path), "--out", str(tmp_path / "m.pt"), "--init", str(fifo)])
+    assert f"--init: checkpoint {fifo}: is a FIFO" in capsys.readouterr().err
+
+
+def test_group_figures_leave_out_unreadable_files_as_the_overall_ones_do(tmp_path):
+    """Three readable pictures of a group and one that is not an image: the group counts three,
+    in evaluation as in the --dev sets of training; a picture without a face counts, as wrong."""
+    faces = make_faces(tmp_path / "made", per_class=3)
+    folder = tmp_path / "dev"
+    for label in ("female", "male"):
+        (folder / label).mkdir(parents=True)
+    for i, made in enumerate(sorted((faces / "female").iterdir())):
+        shutil.copy(made, folder / "female" / f"utk_30_1_1_{i}.jpg")
+    Image.new("RGB", (200, 160), (128, 128, 128)).save(folder / "female" / "utk_30_1_1_flat.jpg")  # no face
+    (folder / "female" / "utk_30_1_1_broken.jpg").write_bytes(b"not an image")
+    shutil.copy(made, folder / "male" / "m.jpg")
+    make_tiny_checkpoint(tmp_path / "tiny.pt")
+    checkpoint = ckpt.load(tmp_path / "tiny.pt", "float32")
+    with DecodePool(1) as pool:
+        evaluated = evaluate_folder(folder, checkpoint, pool)
+    dev_set = DevSet.load(folder, checkpoint.preprocessing(FaceRules()))
+    scored, dev_groups = dev_set.score(checkpoint.model, checkpoint.spec, "float32")
+    for overall, groups in ((evaluated, evaluated["groups"]), (scored, dev_groups)):
+        assert overall["count"] == 5 and overall["unanswered"] == 1 and len(overall["unreadable"]) == 1
+        assert (groups["black"]["count"], groups["black"]["unanswered"]) == (4, 1)
+        assert groups["age 30-44"]["count"] == 4
+
+
+def test_report_tables_have_a_column_for_every_class(tmp_path):
+    names = ["a", "b", "c"]
+    figures = summarize([0, 1, 2], [0, 2, 2], names)
+    results = {"x": figures | {"mistakes": [], "unreadable": [], "groups": {"g": figures}}}
+    write_evaluation_report(tmp_path, results, names, "m.pt", "v1")
+    lines = (tmp_path / "summary.md").read_text().splitlines()
+    tables = [(header, rule) for header, rule in itertools.pairwise(lines) if rule.startswith("|---")]
+    assert len(tables) == 2
+    for header, rule in tables:
+        assert header.count("|") == rule.count("|"), (header, rule)
+
+
+def test_photos_needs_a_picture_to_measure(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        photos_main([str(tmp_path), "--pictures", "0"])
+    assert "--pictures must be at least 1" in capsys.readouterr().err
+
+
+def test_pasted_faces_are_upright(tmp_path):
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown turned by 90 degrees
+    Image.new("RGB", (60, 40), (120, 80, 60)).save(tmp_path / "turned.jpg", exif=exif)
+    assert upright(tmp_path / "turned.jpg").size == (40, 60)

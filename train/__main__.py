@@ -5,7 +5,7 @@ and aligned into a chip with the serving preprocessing, into memory; every epoch
 chips so that no source or group dominates, and augments them afresh. The epoch with the lowest
 validation loss is kept, its decision threshold set on the validation split weighted as the
 epochs are drawn, evaluated on the held-out test split (overall, per file-name source and group)
-and on any --dev folders exactly as served, and saved atomically with a report beside it.
+and on any --dev folders with the serving preprocessing, and saved atomically with a report beside it.
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ from train.data import (
     sampling_weights,
     source_of,
     split,
+    summarize_file_groups,
 )
 from train.metrics import equal_recall_threshold, format_summary, summarize, summarize_groups
 from train.report import write_report
@@ -53,34 +54,29 @@ CLASS_NAMES = ["female", "male"]
 
 @dataclass
 class DevSet:
-    """A --dev folder with its faces cut once, exactly as served; a picture without a face is an
-    answer missed, and counts as wrong."""
+    """A --dev folder with its faces cut once with the serving preprocessing; a picture without a
+    face is an answer missed, and counts as wrong. A file that cannot be read is left out."""
 
     name: str
-    labeled: list[tuple[Path, int]]
+    label_of: dict[Path, int]
     faces: Dataset
-    no_face: list[int]  # true classes of the pictures in which no face was found
+    no_face: list[Path]  # the pictures in which no face was found
     unreadable: list[str]
 
     @classmethod
     def load(cls, folder: Path, serving: Preprocessing) -> DevSet:
         labeled = find_labeled_images(folder, CLASS_NAMES)
         faces, skipped = load_dataset(labeled, serving)
-        label_of = dict(labeled)
-        no_face = [label_of[p] for p, r in skipped if r == NO_FACE]
-        return cls(folder.name, labeled, faces, no_face, [f"{p}: {r}" for p, r in skipped if r != NO_FACE])
+        no_face = [p for p, r in skipped if r == NO_FACE]
+        return cls(folder.name, dict(labeled), faces, no_face, [f"{p}: {r}" for p, r in skipped if r != NO_FACE])
 
     def score(self, model: torch.nn.Module, spec: InputSpec, precision: str) -> tuple[dict, dict]:
         """Accuracy overall and per class, and by group where the file names tell one."""
         predicted = evaluate(model, self.faces, spec, precision)[1]
-        summary = summarize(self.faces.labels.tolist(), predicted, CLASS_NAMES, self.no_face)
-        answers = dict(zip(self.faces.paths, predicted, strict=True))
-        groups = summarize_groups(
-            [label for _, label in self.labeled],
-            [answers.get(p) for p, _ in self.labeled],
-            [groups_of(p) for p, _ in self.labeled],
-            CLASS_NAMES,
-        )
+        unanswered = [self.label_of[p] for p in self.no_face]
+        summary = summarize(self.faces.labels.tolist(), predicted, CLASS_NAMES, unanswered)
+        answers = dict(zip(self.faces.paths, predicted, strict=True)) | dict.fromkeys(self.no_face)
+        groups = summarize_file_groups(answers, self.label_of, CLASS_NAMES)
         return summary | {"unreadable": self.unreadable}, groups
 
 
@@ -155,17 +151,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+INIT_KEYS = ("version", "arch", "arch_args", "class_names", "state_dict")
+
+
 def initial_weights(path: Path, arch_args: dict) -> dict:
     """The version and weights of a checkpoint to start from, of any format version (only its
-    weights are used, not its preprocessing): they must fit GenderNet with `arch_args`."""
+    weights are used, not its preprocessing): read as safely as model.checkpoint.load reads one,
+    for CLASS_NAMES in that order, and fitting GenderNet with `arch_args`. Raise CheckpointError
+    naming the file and what is wrong."""
+    payload = ckpt.read_payload(path)
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(payload, dict):
+            raise ckpt.CheckpointError(f"expected a dict, found {type(payload).__name__}")
+        missing = [k for k in INIT_KEYS if k not in payload]
+        if missing:
+            raise ckpt.CheckpointError(f"missing keys {missing}")
+        if payload["class_names"] != CLASS_NAMES:
+            raise ckpt.CheckpointError(f"its classes are {payload['class_names']!r}, not {CLASS_NAMES}")
         if payload["arch"] != GenderNet.__name__ or payload["arch_args"] != arch_args:
-            raise ValueError(f"it is {payload['arch']} {payload['arch_args']}, not GenderNet {arch_args}")
-        GenderNet(**arch_args, num_classes=len(CLASS_NAMES)).load_state_dict(payload["state_dict"])
-        return {"version": str(payload["version"]), "state_dict": payload["state_dict"]}
-    except Exception as exc:
-        raise ckpt.CheckpointError(f"cannot start from {path}: {ckpt._first_line(exc)}") from None
+            raise ckpt.CheckpointError(f"it is {payload['arch']} {payload['arch_args']}, not GenderNet {arch_args}")
+        with torch.device("meta"):  # only the sizes, to compare
+            expected = GenderNet(**arch_args, num_classes=len(CLASS_NAMES)).state_dict()
+        ckpt.check_weights(payload["state_dict"], expected, GenderNet.__name__)
+    except ckpt.CheckpointError as exc:
+        raise ckpt.CheckpointError(f"checkpoint {path}: cannot start from it: {exc}") from None
+    return {"version": str(payload["version"]), "state_dict": payload["state_dict"]}
 
 
 def _device(model: torch.nn.Module) -> torch.device:
@@ -174,7 +184,7 @@ def _device(model: torch.nn.Module) -> torch.device:
 
 @torch.inference_mode()
 def logits_of(model: torch.nn.Module, data: Dataset, spec: InputSpec, precision: str, batch_size: int = 512) -> torch.Tensor:
-    """The model's logits for every image, with exactly the serving preprocessing and mirror averaging."""
+    """The model's logits for every image, with the serving preprocessing and mirror averaging."""
     model.eval()
     chunks = [torch.empty(0, len(CLASS_NAMES))]
     for start in range(0, len(data.labels), batch_size):
@@ -207,6 +217,7 @@ def train_epoch(
     data: Dataset,
     weights: torch.Tensor,
     spec,
+    chip: ChipSpec,
     optimizer,
     scheduler,
     batch_size: int,
@@ -221,7 +232,7 @@ def train_epoch(
     loss_sum, correct, seen = 0.0, 0, 0
     for start in range(0, len(order) - batch_size + 1, batch_size):  # drop the ragged last batch (BatchNorm)
         idx = order[start : start + batch_size]
-        x = normalize(augment(data.images[idx], gen, strength), spec).to(_device(model))
+        x = normalize(augment(data.images[idx], gen, chip, strength), spec).to(_device(model))
         y = data.labels[idx].to(_device(model))
         with autocast(precision, x.device.type):
             logits = model(x).float()
@@ -278,7 +289,7 @@ def train(args: argparse.Namespace, argv: list[str]) -> int:
             f"smaller than one batch ({args.batch_size}), or an empty validation or test split"
         )
 
-    # Cut once, before training: every epoch's curve shows them, and the end scores them as served.
+    # Cut once, before training: every epoch's curve shows them, and the end scores them.
     dev_sets = [DevSet.load(folder, Preprocessing(chip, detector, FaceRules())) for folder in args.dev]
 
     arch_args = {"stem_width": args.stem_width, "widths": list(args.widths)}
@@ -299,6 +310,7 @@ def train(args: argparse.Namespace, argv: list[str]) -> int:
             train_set,
             weights,
             spec,
+            chip,
             optimizer,
             scheduler,
             args.batch_size,

@@ -14,15 +14,18 @@ import math
 import torch
 import torch.nn.functional as F
 
-from model.faces import CHIP_LANDMARKS, OUTSIDE
+from model.faces import OUTSIDE, ChipSpec
 
 
 def _uniform(n: int, low: float, high: float, gen: torch.Generator) -> torch.Tensor:
     return torch.rand(n, generator=gen) * (high - low) + low
 
 
-# The eye line and half the distance between the eyes in every chip, as fractions of its size.
-EYES = ((CHIP_LANDMARKS[0][1] + CHIP_LANDMARKS[1][1]) / 2, (CHIP_LANDMARKS[1][0] - CHIP_LANDMARKS[0][0]) / 2)
+def eyes_of(chip: ChipSpec) -> tuple[float, float]:
+    """Where the chip's template puts the eyes: the eye line and half the distance between the
+    eyes, as fractions of the chip's height and width."""
+    (left_x, left_y), (right_x, right_y) = chip.landmarks[:2]
+    return (left_y + right_y) / 2, (right_x - left_x) / 2
 
 
 def _glasses(x: torch.Tensor, eyes: torch.Tensor, gen: torch.Generator, s: float) -> torch.Tensor:
@@ -138,12 +141,13 @@ def _degrade(x: torch.Tensor, gen: torch.Generator, s: float) -> torch.Tensor:
     return x.clamp(0, 1)
 
 
-def augment(batch: torch.Tensor, gen: torch.Generator, strength: float = 1.0) -> torch.Tensor:
-    """uint8 (N, 3, H, W) chips -> augmented uint8 batch of the same shape, ready for `normalize`.
+def augment(batch: torch.Tensor, gen: torch.Generator, chip: ChipSpec, strength: float = 1.0) -> torch.Tensor:
+    """uint8 (N, 3, H, W) chips, cut as `chip` says -> augmented uint8 batch of the same shape,
+    ready for `normalize`. The glasses go where `chip` puts the eyes.
 
     `strength` scales every range and probability: 0 leaves only the mirror flips, 1 is the
     default, larger values vary more."""
-    eyes = torch.tensor(EYES).expand(len(batch), 2)
+    eyes = torch.tensor(eyes_of(chip)).expand(len(batch), 2)
     x = _glasses(batch.float() / 255.0, eyes, gen, strength)
     x = _degrade(_colour(_geometry(x, gen, strength), gen, strength), gen, strength)
     return (x * 255.0).round().to(torch.uint8)

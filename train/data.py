@@ -17,6 +17,7 @@ from model.faces import FaceRules, Preprocessing
 from model.pool import DecodePool
 from model.preprocess import to_batch
 from model.progress import Progress
+from train.metrics import summarize_groups
 
 CHUNK = 512  # files per decoding task: few round trips, a smooth progress bar
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -91,6 +92,14 @@ def groups_of(path: Path) -> list[str]:
     if (age := age_of(path)) is not None:
         groups.append(AGE_BANDS[bisect_right(AGE_BAND_STARTS, age)])
     return groups
+
+
+def summarize_file_groups(answers: dict[Path, int | None], label_of: dict[Path, int], class_names: list[str]) -> dict[str, dict]:
+    """Accuracy by group (groups_of) of the files in `answers`: the class answered for each, or None
+    where no face was found (counted wrong). A file that could not be read is left out of
+    `answers`, and so out of every group's figures, as it is out of the overall ones."""
+    paths = list(answers)
+    return summarize_groups([label_of[p] for p in paths], [answers[p] for p in paths], [groups_of(p) for p in paths], class_names)
 
 
 # Every source the same share of an epoch: the in-the-wild ones (UTKFace, IMFDB) are small next to

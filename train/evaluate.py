@@ -24,8 +24,8 @@ from model.inference import classify_in_batches
 from model.pool import DecodePool
 from model.progress import Progress
 from train import DefaultsHelp
-from train.data import TrainingError, find_labeled_images, groups_of
-from train.metrics import format_summary, percent, summarize, summarize_groups
+from train.data import TrainingError, find_labeled_images, summarize_file_groups
+from train.metrics import format_summary, percent, summarize
 from train.report import write_evaluation_report
 
 
@@ -34,7 +34,7 @@ def evaluate_folder(folder: Path, checkpoint: ckpt.Checkpoint, pool: DecodePool,
     every picture answered wrongly or without a face found (file, truth, answer, probability, box)."""
     items = find_labeled_images(folder, checkpoint.class_names)
     truth, predicted, failed, no_face, mistakes = [], [], [], [], []
-    answers: list[int | None] = []
+    answers: dict[Path, int | None] = {}  # None: no face found
     progress = Progress(len(items), f"evaluating {folder.name}")
     label_of = dict(items)
     for outcomes in classify_in_batches(list(label_of), checkpoint, pool, FaceRules(), batch_size):
@@ -48,8 +48,8 @@ def evaluate_folder(folder: Path, checkpoint: ckpt.Checkpoint, pool: DecodePool,
                 "box": None,
             }
             if outcome.prediction is None:
-                answers.append(None)
                 if outcome.error == NO_FACE:
+                    answers[path] = None
                     no_face.append(label)
                     mistakes.append(mistake)
                 else:
@@ -57,13 +57,13 @@ def evaluate_folder(folder: Path, checkpoint: ckpt.Checkpoint, pool: DecodePool,
                 continue
             truth.append(label)
             predicted.append(checkpoint.class_names.index(outcome.prediction.label))
-            answers.append(predicted[-1])
+            answers[path] = predicted[-1]
             if predicted[-1] != label:
                 main_face = outcome.faces[0]
                 mistake |= {"answer": main_face.prediction.label, "probability": main_face.prediction.probability}
                 mistakes.append(mistake | {"box": list(main_face.box)})
         progress.advance(len(outcomes))
-    groups = summarize_groups([label for _, label in items], answers, [groups_of(p) for p, _ in items], checkpoint.class_names)
+    groups = summarize_file_groups(answers, label_of, checkpoint.class_names)
     summary = summarize(truth, predicted, checkpoint.class_names, no_face)
     return summary | {"unreadable": failed, "groups": groups, "mistakes": mistakes}
 

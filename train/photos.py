@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFilter
+from PIL import Image, ImageDraw, ImageFilter, ImageOps
 
 import model
 from model import checkpoint as ckpt
@@ -59,6 +59,13 @@ def compose(faces: list[Image.Image], rng: random.Random, size: tuple[int, int] 
     return img, boxes
 
 
+def upright(path: Path) -> Image.Image:
+    """The picture at `path` as it is shown (EXIF orientation applied, as serving decodes it), read
+    in full so that the file is closed."""
+    with Image.open(path) as img:
+        return ImageOps.exif_transpose(img).convert("RGB")
+
+
 def _jpeg(img: Image.Image, path: Path) -> Path:
     buffer = io.BytesIO()
     img.save(buffer, "JPEG", quality=90)
@@ -81,7 +88,7 @@ def measure(folder: Path, checkpoint: ckpt.Checkpoint, pool: DecodePool, picture
         for i in range(pictures):
             group = items[used : used + 1 + i % 3] or items[: 1 + i % 3]
             used += len(group)
-            img, boxes = compose([Image.open(p) for p, _ in group], rng)
+            img, boxes = compose([upright(p) for p, _ in group], rng)
             paths.append(_jpeg(img, work / f"photo{i:04d}.jpg"))
             layouts.append(list(zip(group, boxes, strict=True)))
         empty = [_jpeg(background((1600, 1200), rng), work / f"empty{i:04d}.jpg") for i in range(pictures)]
@@ -126,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pictures", type=int, default=200, help="generated pictures per folder, and as many without a face")
     p.add_argument("--seed", type=int, default=0, help="seed of the generated pictures")
     args = p.parse_args(argv)
+    if args.pictures < 1:
+        p.error("--pictures must be at least 1")
     try:
         checkpoint = ckpt.load(args.checkpoint)
     except ckpt.CheckpointError as exc:

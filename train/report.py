@@ -155,6 +155,11 @@ def _text_width(text: str, font: ImageFont.ImageFont) -> float:
     return ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(text, font=font)
 
 
+def _separator(columns: int) -> str:
+    """The line under a Markdown table's header of `columns` columns."""
+    return "|" + "---|" * columns
+
+
 def write_report(folder: Path, summary: dict, history: list[dict], class_names: list[str]) -> None:
     """summary.json, summary.md, curves.png and confusion.png in `folder`."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -180,7 +185,7 @@ def write_report(folder: Path, summary: dict, history: list[dict], class_names: 
         f"Test split: loss {summary['test']['loss']:.4f}.",
         "",
         "| set | images | accuracy | " + " | ".join(class_names) + " |",
-        "|---|---|---|" + "---|" * len(class_names),
+        _separator(3 + len(class_names)),
     ]
     rows = [(f"test: {k}", v) for k, v in summary["test"].items() if isinstance(v, dict)] + [
         (f"dev: {k}", v) for k, v in summary["dev"].items()
@@ -246,7 +251,10 @@ def write_evaluation_report(
     pictures.mkdir(parents=True, exist_ok=True)
     (pictures / ".gitignore").write_text("# pictures of the evaluated data: its terms may forbid sharing them\n*\n")
     lines = [f"# Evaluation of `{checkpoint}` (version `{version}`)", ""]
-    lines += ["| folder | images | accuracy | " + " | ".join(class_names) + " | without a face |", "|---|---|---|---|---|---|"]
+    lines += [
+        "| folder | images | accuracy | " + " | ".join(class_names) + " | without a face |",
+        _separator(4 + len(class_names)),
+    ]
     for name, r in results.items():
         per_class = " | ".join(map(percent, r["per_class"].values()))
         lines.append(f"| {name} | {r['count']} | {percent(r['accuracy'])} | {per_class} | {r['unanswered']} |")
@@ -260,7 +268,7 @@ def write_evaluation_report(
         shown = draw_contact_sheet(r["mistakes"], pictures / f"{slug}-mistakes.jpg")
         lines += ["", f"## {name}", "", f"![confusion matrix]({slug}-confusion.png)", ""]
         if r["groups"]:
-            lines += ["| group | images | accuracy | " + " | ".join(class_names) + " |", "|---|---|---|---|---|"]
+            lines += ["| group | images | accuracy | " + " | ".join(class_names) + " |", _separator(3 + len(class_names))]
             for group, g in sorted(r["groups"].items(), key=lambda kv: (kv[1]["accuracy"] is None, kv[1]["accuracy"] or 0)):
                 per_class = " | ".join(map(percent, g["per_class"].values()))
                 lines.append(f"| {group} | {g['count']} | {percent(g['accuracy'])} | {per_class} |")
