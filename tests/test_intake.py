@@ -2,9 +2,11 @@ import os
 import struct
 import time
 
+import pytest
 import structlog.testing
 
 from watcher import intake as intake_module
+from watcher import log
 from watcher.inotify import (
     CHANGED,
     CLOSED,
@@ -148,6 +150,13 @@ def test_a_gone_folder_is_watched_anew_even_when_its_successor_has_the_same_inod
         intake.stop()
 
 
+@pytest.fixture
+def info_logs():
+    """Info lines reach capture_logs whatever level an earlier test set up."""
+    log.setup("info", "json")
+
+
+@pytest.mark.usefixtures("info_logs")
 def test_a_watch_that_cannot_be_set_up_leaves_the_listings_to_find_files(tmp_path, monkeypatch):
     def no_watch(*_args):
         raise OSError(28, "inotify_add_watch: No space left on device")
@@ -162,6 +171,7 @@ def test_a_watch_that_cannot_be_set_up_leaves_the_listings_to_find_files(tmp_pat
     assert intake.take() == [tmp_path / "a.jpg"]
 
 
+@pytest.mark.usefixtures("info_logs")
 def test_an_inbox_that_cannot_be_listed_is_waited_for_and_said_once(tmp_path, monkeypatch):
     intake = Intake(tmp_path, 0.0)
     (tmp_path / "a.jpg").write_bytes(b"x")
@@ -183,6 +193,7 @@ def test_an_inbox_that_cannot_be_listed_is_waited_for_and_said_once(tmp_path, mo
     assert intake.take() == [tmp_path / "a.jpg"]
 
 
+@pytest.mark.usefixtures("info_logs")
 def test_a_folder_that_cannot_be_served_is_not_listed_until_it_can(tmp_path):
     problems = ["'done' is on another filesystem than 'inbox'"]
     intake = Intake(tmp_path, 0.0, problem=lambda: problems[0] if problems else None)
