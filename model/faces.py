@@ -269,7 +269,7 @@ def find_faces(rgb: np.ndarray, scale: float, chip: ChipSpec, spec: DetectorSpec
     def detected(row: np.ndarray, how: str) -> Face:
         return Face(box_of(row), round(float(row[14]), 4), how, cut_chip(rgb, row[4:14].reshape(5, 2), chip))
 
-    smallest = min(rules.min_face_pixels, CROP_FACE_SHARE * min(height, width) / scale)
+    smallest = min(rules.min_face_pixels, CROP_FACE_SHARE * min(height, width) / scale) if face_sized else rules.min_face_pixels
     big_enough = [row for row in found if min(box_of(row)[2:]) >= smallest]
     faces = [detected(row, "detected") for row in big_enough if row[14] >= spec.score_threshold]
     if not faces and face_sized and big_enough:

@@ -166,9 +166,17 @@ def test_a_watch_that_cannot_be_set_up_leaves_the_listings_to_find_files(tmp_pat
     (tmp_path / "a.jpg").write_bytes(b"x")
     with structlog.testing.capture_logs() as logs:
         intake.rescan()
+        intake.rescan()  # tries again, says nothing more
     assert [e["event"] for e in logs] == ["inbox_watch_failed"] and "No space left" in logs[0]["reason"]
     intake.take()
     assert intake.take() == [tmp_path / "a.jpg"]
+    monkeypatch.undo()  # watches can be had again
+    try:
+        with structlog.testing.capture_logs() as logs:
+            intake.rescan()
+        assert intake._watch is not None and logs == []
+    finally:
+        intake.stop()
 
 
 @pytest.mark.usefixtures("info_logs")

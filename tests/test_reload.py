@@ -159,3 +159,17 @@ def test_a_missing_checkpoint_is_looked_for_at_the_slow_poll(tmp_path):
     due = time.monotonic() + 30.0
     _, ask_again = reloader.step(due)
     assert not reloader.changing and ask_again == pytest.approx(due + 30.0)
+
+
+def test_a_watched_folder_gone_is_watched_anew_even_with_the_same_inode(tmp_path):
+    path = tmp_path / "model.pt"
+    make_tiny_checkpoint(path, seed=1)
+    reloader = Reloader(path, "auto", ckpt.load(path))
+    reloader.start_watching()
+    try:
+        first = reloader._watch
+        reloader._on_look_again(gone=True)  # as the watch reports IN_DELETE_SELF; the folder's identity is unchanged
+        reloader.poll()
+        assert reloader.hinted and reloader._watch is not None and reloader._watch is not first
+    finally:
+        reloader.stop_watching()

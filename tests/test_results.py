@@ -3,8 +3,10 @@
 import json
 import os
 
+import pytest
+
 from tests.conftest import strictly_valid
-from watcher.results import JOURNAL_SHARE, ResultStore, encode_results, numbered
+from watcher.results import JOURNAL_SHARE, JournalError, ResultStore, encode_results, numbered
 
 
 def rec(key, label="female"):
@@ -61,6 +63,18 @@ def test_rotation_numbers_both_files(tmp_path):
     s.commit([rec("e.jpg")])
     assert s.rotate_if_full() is None
     s.close()
+
+
+@pytest.mark.parametrize("line", [b"not json", b"[1, 2]", b'"abc"', b'{"status": "done"}'])
+def test_a_journal_line_that_is_not_a_record_is_named_with_its_line(tmp_path, line):
+    s = store_in(tmp_path)
+    s.recover()
+    s.commit([rec("a.jpg")])
+    s.close()
+    with open(s.journal, "ab") as f:
+        f.write(line + b"\n")
+    with pytest.raises(JournalError, match=r"journal.jsonl, line 2: not a journal record"):
+        store_in(tmp_path).recover()
 
 
 def test_a_journal_of_failed_files_rolls_over_by_itself(tmp_path):

@@ -59,11 +59,14 @@ class FolderWatch:
         if self._fd < 0:
             raise OSError(ctypes.get_errno(), f"inotify_init1: {os.strerror(ctypes.get_errno())}")
         mask = IN_CLOSE_WRITE | IN_MOVED_TO | IN_CREATE | IN_DELETE_SELF | IN_MOVE_SELF
-        if libc.inotify_add_watch(self._fd, os.fsencode(folder), mask) < 0:
-            errno = ctypes.get_errno()
+        try:
+            if libc.inotify_add_watch(self._fd, os.fsencode(folder), mask) < 0:
+                errno = ctypes.get_errno()
+                raise OSError(errno, f"inotify_add_watch {folder}: {os.strerror(errno)}")
+            self._stop_r, self._stop_w = os.pipe()
+        except BaseException:  # out of descriptors is when this fails: never leak one
             os.close(self._fd)
-            raise OSError(errno, f"inotify_add_watch {folder}: {os.strerror(errno)}")
-        self._stop_r, self._stop_w = os.pipe()
+            raise
         self._thread = threading.Thread(target=self._run, name=f"watch-{folder.name}", daemon=True)
         self._thread.start()
 

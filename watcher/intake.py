@@ -66,6 +66,7 @@ class Intake:
         self._last_rescan = 0.0
         self._look_again = False  # set by the watch thread
         self._watch_gone = False  # set by the watch thread: the watched folder went away
+        self._watch_failed = False  # the last try to watch the folder failed (said once)
         self.missing = False  # no usable inbox: looked for every MISSING_RECHECK seconds
         self._missing_why: tuple[str, str | None] | None = None  # the log event said for it
 
@@ -139,7 +140,7 @@ class Intake:
         self._watched = None
 
     def _watch_folder(self, identity: tuple[int, int]) -> None:
-        if self._watched is not None:
+        if self._watched is not None and not self._watch_failed:
             log.get().warning("inbox_replaced", inbox=str(self.inbox), action="watching the new folder")
         self.stop()
         self._watch_gone = False
@@ -147,9 +148,13 @@ class Intake:
         if self._use_watch:
             try:
                 self._watch = FolderWatch(self.inbox, self.hint, self.look_again)
+                self._watch_failed = False
             except OSError as exc:  # out of inotify watches or descriptors: the full listings go on
-                action = f"finding files by a full listing every {self.rescan_seconds:g} s"
-                log.get().warning("inbox_watch_failed", inbox=str(self.inbox), reason=str(exc), action=action)
+                if not self._watch_failed:
+                    action = f"finding files by a full listing every {self.rescan_seconds:g} s, trying to watch at each"
+                    log.get().warning("inbox_watch_failed", inbox=str(self.inbox), reason=str(exc), action=action)
+                self._watch_failed = True
+                self._watch_gone = True  # the next listing tries again
 
     def take(self, now: float | None = None) -> list[Path]:
         """Entries that are ready now, each handed out once until `release`d."""

@@ -88,8 +88,11 @@ class Reloader:
         if self.path.name in names:
             self._on_look_again()
 
-    def _on_look_again(self, _gone: bool = False) -> None:
-        """Watch thread: the file may have changed (or the folder itself went away): look soon."""
+    def _on_look_again(self, gone: bool = False) -> None:
+        """Watch thread: the file may have changed, or the folder itself went away (`gone`: its
+        watch is dead even where a new folder gets the same inode, so the next poll watches anew)."""
+        if gone:
+            self._watched_folder = None
         self.hinted = True
         self.wake()
 

@@ -123,7 +123,10 @@ def _read_records(journal: Path) -> list[dict]:
         if not line.strip():
             continue
         try:
-            records.append(exact_names(json.loads(line)))
+            record = json.loads(line)
+            if not isinstance(record, dict) or not isinstance(exact_names(record).get("key"), str):
+                raise ValueError("not an object with a 'key'")
+            records.append(record)
         except (ValueError, TypeError, AttributeError) as exc:
             raise JournalError(
                 f"{journal}, line {number}: not a journal record ({exc}); repair or remove that line to start"
