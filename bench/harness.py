@@ -62,7 +62,8 @@ class ServiceProcess:
         threading.Thread(target=self._read_logs, args=(self.proc,), daemon=True).start()
         threading.Thread(target=self._read_notify, daemon=True).start()
         if wait_ready:
-            self.wait_for(lambda: "READY=1" in " ".join(self.messages), 60, "READY=1")
+            # the start line is logged before READY=1, but reaches us through another pipe
+            self.wait_for(lambda: "READY=1" in " ".join(self.messages) and self.events("start"), 60, "READY=1 and start")
         return self
 
     def _read_logs(self, proc: subprocess.Popen) -> None:
