@@ -110,7 +110,7 @@ class DetectorSpec:
                 raise ValueError(f"{name} must be {'a number' if kind is float else 'an integer'} {allowed}, found {value!r}")
             if not (math.isfinite(value) and low <= value <= high):
                 raise ValueError(f"{name} must be {allowed}, found {value!r}")
-        return cls(d["name"], d["sha256"], **{name: kind(d[name]) for name, kind, _, _ in DETECTOR_SETTINGS})
+        return cls(**(d | {name: kind(d[name]) for name, kind, _, _ in DETECTOR_SETTINGS}))
 
 
 @dataclass(frozen=True)

@@ -66,7 +66,7 @@ class Intake:
         self._last_rescan = 0.0
         self._look_again = False  # set by the watch thread
         self._watch_gone = False  # set by the watch thread: the watched folder went away
-        self._watch_failed = False  # the last try to watch the folder failed (said once)
+        self._watch_failed = False  # the last try to watch the folder failed: said once, not at each retry
         self.missing = False  # no usable inbox: looked for every MISSING_RECHECK seconds
         self._missing_why: tuple[str, str | None] | None = None  # the log event said for it
 
@@ -111,8 +111,8 @@ class Intake:
             if identity != self._watched and (problem := self.problem()):
                 self._set_missing("inbox_unusable", problem)
                 return
-            if identity != self._watched or self._watch_gone:
-                self._watch_folder(identity)
+            if identity != self._watched or self._watch_gone or (self._use_watch and self._watch is None):
+                self._watch_folder(identity)  # a new folder, a dead watch, or one that could not be set up
             with os.scandir(self.inbox) as entries:
                 names = [e.name for e in entries]
         except (FileNotFoundError, NotADirectoryError):
@@ -140,7 +140,7 @@ class Intake:
         self._watched = None
 
     def _watch_folder(self, identity: tuple[int, int]) -> None:
-        if self._watched is not None and not self._watch_failed:
+        if self._watched is not None and (identity != self._watched or self._watch_gone):
             log.get().warning("inbox_replaced", inbox=str(self.inbox), action="watching the new folder")
         self.stop()
         self._watch_gone = False
@@ -153,8 +153,7 @@ class Intake:
                 if not self._watch_failed:
                     action = f"finding files by a full listing every {self.rescan_seconds:g} s, trying to watch at each"
                     log.get().warning("inbox_watch_failed", inbox=str(self.inbox), reason=str(exc), action=action)
-                self._watch_failed = True
-                self._watch_gone = True  # the next listing tries again
+                self._watch_failed = True  # the next listing tries again (see rescan)
 
     def take(self, now: float | None = None) -> list[Path]:
         """Entries that are ready now, each handed out once until `release`d."""
