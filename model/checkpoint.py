@@ -7,7 +7,7 @@ so loading never runs code from the file. Keys:
     version       id of this checkpoint: UTC creation time + hash of the weights, input, chip and detector
     arch, arch_args   network class name (model.network.ARCHITECTURES) and its constructor args
     input         InputSpec.to_dict(): height, width, mean, std
-    chip          model.faces.ChipSpec.to_dict(): the face chip's size and landmark template
+    chip          model.faces.ChipSpec.to_dict(): the face chip's size, landmark template and fill
     detector      model.faces.DetectorSpec.to_dict(): the face detector (by SHA-256) and its settings
     class_names   output index -> label, e.g. ["female", "male"]
     state_dict    the weights

@@ -34,7 +34,8 @@ CHIP_LANDMARKS = ((0.3656, 0.4208), (0.6330, 0.4193), (0.5002, 0.5499), (0.3904,
 # YuNet's landmarks relative to its own box (fractions of the box's width and height), averaged
 # over detections on face crops: how a whole picture taken as one face is aligned.
 BOX_LANDMARKS = ((0.284, 0.384), (0.731, 0.382), (0.51, 0.586), (0.317, 0.739), (0.699, 0.738))
-# The colour of the chip beyond the picture's edges, and of the detector's padding.
+# The colour of the detector's padding, and the chip's beyond the picture's edges unless its
+# ChipSpec says otherwise.
 OUTSIDE = (128, 128, 128)
 # A picture whose longer side is at most this many pixels may be a face crop (see module docstring).
 FACE_SIZED = 512
@@ -45,21 +46,27 @@ CROP_FACE_SHARE = 0.5
 
 @dataclass(frozen=True)
 class ChipSpec:
-    """The face chip the model takes: its size and where the five landmarks land in it."""
+    """The face chip the model takes: its size, where the five landmarks land in it, and its
+    colour (RGB) where it reaches beyond the picture."""
 
     height: int
     width: int
     landmarks: tuple[tuple[float, float], ...] = CHIP_LANDMARKS
+    fill: tuple[int, int, int] = OUTSIDE
 
     def to_dict(self) -> dict:
-        return {"height": self.height, "width": self.width, "landmarks": [list(p) for p in self.landmarks]}
+        landmarks = [list(p) for p in self.landmarks]
+        return {"height": self.height, "width": self.width, "landmarks": landmarks, "fill": list(self.fill)}
 
     @classmethod
     def from_dict(cls, d: dict) -> ChipSpec:
         points = tuple((float(x), float(y)) for x, y in d["landmarks"])
         if len(points) != 5 or not all(0 <= v <= 1 for p in points for v in p) or points[0][0] >= points[1][0]:
             raise ValueError(f"landmarks must be 5 points inside the chip, left eye left of the right one: {points}")
-        return cls(int(d["height"]), int(d["width"]), points)
+        fill = d.get("fill", OUTSIDE)  # a checkpoint that does not record it was cut on OUTSIDE
+        if not (len(fill) == 3 and all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 255 for v in fill)):
+            raise ValueError(f"fill must be 3 integers in [0, 255], found {fill!r}")
+        return cls(int(d["height"]), int(d["width"]), points, tuple(fill))
 
 
 # DetectorSpec's numeric settings: their type and the range a checkpoint's may take.
@@ -242,7 +249,7 @@ def cut_chip(rgb: np.ndarray, landmarks: np.ndarray, chip: ChipSpec) -> np.ndarr
     # Beyond the picture's edge the chip is grey: repeating the edge would draw, say, a forehead
     # running up to the chip's top, a bald head where a tight crop cut off the hair.
     return cv2.warpAffine(
-        rgb, matrix, (chip.width, chip.height), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=OUTSIDE
+        rgb, matrix, (chip.width, chip.height), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=chip.fill
     )
 
 

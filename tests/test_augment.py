@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import train.augment
-from model.faces import OUTSIDE, ChipSpec
+from model.faces import ChipSpec
 from train.augment import SHIFT, ZOOM, _geometry, _glasses, augment, eyes_of
 
 CHIP = ChipSpec(64, 64)
@@ -50,11 +50,11 @@ def test_geometry_jitters_the_alignment_within_its_ranges():
     shift (and the rotation about the centre), and half their distance changes by at most the zoom."""
     size, n = 128, 64
     line, half = EYES
-    grey = OUTSIDE[0] / 255
+    grey = CHIP.fill[0] / 255
     x = torch.full((n, 1, size, size), grey)  # the dots on the grey that also fills the chip beyond the picture
     for centre in (0.5 - half, 0.5 + half):
         x[:, :, int(line * size) - 1 : int(line * size) + 2, int(centre * size) - 1 : int(centre * size) + 2] = 1.0
-    out = _geometry(x, torch.Generator().manual_seed(0), 1.0)
+    out = _geometry(x, torch.Generator().manual_seed(0), 1.0, torch.tensor([grey]))
     stretch = 1.07  # aspect changes of up to e^0.06
     spots = eye_spots((out - grey).clamp(min=0))
     for mid_x, mid_y, found_half in spots:

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from model import checkpoint as ckpt
-from model.faces import ChipSpec, DetectorSpec, FaceRules
+from model.faces import OUTSIDE, ChipSpec, DetectorSpec, FaceRules
 from model.network import ConvReLU, GenderNet
 from model.preprocess import InputSpec
 from tests.conftest import TINY_ARCH, TINY_CHIP, TINY_SPEC, make_tiny_checkpoint
@@ -246,6 +246,8 @@ def test_the_chip_geometry_and_detector_are_part_of_the_checkpoint(good):
     _refused(good, "chip is 48x48 but the model's input is 32x32")
     _save_rehashed(payload | {"chip": payload["chip"] | {"landmarks": [[0.5, 0.5]] * 4}}, good)
     _refused(good, "bad chip geometry")
+    _save_rehashed(payload | {"chip": payload["chip"] | {"fill": [128, 300, 128]}}, good)
+    _refused(good, "fill must be 3 integers")
     _save_rehashed(payload | {"detector": DetectorSpec(sha256="0" * 64).to_dict()}, good)
     _refused(good, "not the one the checkpoint was trained with")
     _save_rehashed(payload | {"detector": {"name": "other"} | {"unknown": 1}}, good)
@@ -258,6 +260,15 @@ def test_a_checkpoint_loads_with_its_own_preprocessing(good):
     loaded = ckpt.load(good)
     assert loaded.chip == ChipSpec(32, 32) and loaded.detector == DetectorSpec()
     assert loaded.preprocessing(FaceRules(max_faces=3)).rules.max_faces == 3
+    payload = _payload(good)
+    _save_rehashed(payload | {"chip": payload["chip"] | {"fill": [0, 10, 20]}}, good)
+    assert ckpt.load(good).chip.fill == (0, 10, 20)
+
+
+def test_a_chip_that_does_not_record_its_fill_was_cut_on_the_default_grey(good):
+    payload = _payload(good)
+    _save_rehashed(payload | {"chip": {k: v for k, v in payload["chip"].items() if k != "fill"}}, good)
+    assert ckpt.load(good).chip.fill == OUTSIDE
 
 
 def test_a_fifo_or_a_folder_at_the_checkpoint_path_is_refused_without_blocking(tmp_path):

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from model.decode import ImageError, decode_faces, decode_file
-from model.faces import NO_FACE, ChipSpec, DetectorSpec, FaceRules, Preprocessing, cut_chip, detect, find_faces
+from model.faces import CHIP_LANDMARKS, NO_FACE, ChipSpec, DetectorSpec, FaceRules, Preprocessing, cut_chip, detect, find_faces
 from model.preprocess import to_batch
 from tests.conftest import SHARED_DATA, needs_shared_data
 from train.data import TRAINING_RULES, load_dataset
@@ -142,6 +142,16 @@ def test_the_chip_puts_the_landmarks_on_the_template():
         x, y = fx * 64, fy * 64
         window = out[int(y) - 3 : int(y) + 4, int(x) - 3 : int(x) + 4]
         assert window.max() > 60, (fx, fy)
+
+
+def test_the_chip_takes_its_fill_beyond_the_picture():
+    """A small white picture in the middle of a large chip: the chip's corners are its fill."""
+    rgb = np.full((40, 40, 3), 255, np.uint8)
+    points = np.array(CHIP_LANDMARKS) * 160 - 60  # the chip spans 160 px about the picture's centre
+    for fill in ((128, 128, 128), (10, 200, 30)):
+        out = cut_chip(rgb, points, ChipSpec(64, 64, fill=fill))
+        assert tuple(out[32, 32]) == (255, 255, 255)
+        assert tuple(out[0, 0]) == tuple(out[-1, -1]) == fill
 
 
 @needs_shared_data

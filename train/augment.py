@@ -14,7 +14,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from model.faces import OUTSIDE, ChipSpec
+from model.faces import ChipSpec
 
 
 def _uniform(n: int, low: float, high: float, gen: torch.Generator) -> torch.Tensor:
@@ -86,7 +86,8 @@ SHIFT = 0.05
 ROTATION = 10.0
 
 
-def _geometry(x: torch.Tensor, gen: torch.Generator, s: float) -> torch.Tensor:
+def _geometry(x: torch.Tensor, gen: torch.Generator, s: float, fill: torch.Tensor) -> torch.Tensor:
+    """`fill` (per channel, in [0, 1]) beyond the edges, as the chip itself is cut (ChipSpec.fill)."""
     n = x.shape[0]
     zoom = torch.exp(s * _uniform(n, *map(math.log, ZOOM), gen))
     aspect = torch.exp(_uniform(n, -0.06 * s, 0.06 * s, gen))
@@ -99,9 +100,8 @@ def _geometry(x: torch.Tensor, gen: torch.Generator, s: float) -> torch.Tensor:
     theta[:, 1, 0], theta[:, 1, 1] = sin * sx, cos * sy
     theta[:, :, 2] = _uniform(2 * n, -2 * SHIFT * s, 2 * SHIFT * s, gen).view(n, 2)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    # grey beyond the edges, as the chip itself is cut (model.faces.OUTSIDE)
-    grey = OUTSIDE[0] / 255.0
-    return F.grid_sample(x - grey, grid, mode="bilinear", padding_mode="zeros", align_corners=False) + grey
+    fill = fill.view(1, -1, 1, 1)
+    return F.grid_sample(x - fill, grid, mode="bilinear", padding_mode="zeros", align_corners=False) + fill
 
 
 def _colour(x: torch.Tensor, gen: torch.Generator, s: float) -> torch.Tensor:
@@ -149,5 +149,6 @@ def augment(batch: torch.Tensor, gen: torch.Generator, chip: ChipSpec, strength:
     default, larger values vary more."""
     eyes = torch.tensor(eyes_of(chip)).expand(len(batch), 2)
     x = _glasses(batch.float() / 255.0, eyes, gen, strength)
-    x = _degrade(_colour(_geometry(x, gen, strength), gen, strength), gen, strength)
+    fill = torch.tensor(chip.fill) / 255.0
+    x = _degrade(_colour(_geometry(x, gen, strength, fill), gen, strength), gen, strength)
     return (x * 255.0).round().to(torch.uint8)
