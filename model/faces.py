@@ -64,7 +64,11 @@ class ChipSpec:
         if len(points) != 5 or not all(0 <= v <= 1 for p in points for v in p) or points[0][0] >= points[1][0]:
             raise ValueError(f"landmarks must be 5 points inside the chip, left eye left of the right one: {points}")
         fill = d.get("fill", OUTSIDE)  # a checkpoint that does not record it was cut on OUTSIDE
-        if not (len(fill) == 3 and all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 255 for v in fill)):
+        if not (
+            isinstance(fill, (list, tuple))
+            and len(fill) == 3
+            and all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 255 for v in fill)
+        ):
             raise ValueError(f"fill must be 3 integers in [0, 255], found {fill!r}")
         return cls(int(d["height"]), int(d["width"]), points, tuple(fill))
 
@@ -246,7 +250,7 @@ def cut_chip(rgb: np.ndarray, landmarks: np.ndarray, chip: ChipSpec) -> np.ndarr
             to_picture = np.array([[1 / fx, 0, 0.5 / fx - 0.5 + left], [0, 1 / fy, 0.5 / fy - 0.5 + top], [0, 0, 1]])
             matrix = matrix @ to_picture
             rgb = cv2.resize(region, size, interpolation=cv2.INTER_AREA)
-    # Beyond the picture's edge the chip is grey: repeating the edge would draw, say, a forehead
+    # Beyond the picture's edge the chip is its fill: repeating the edge would draw, say, a forehead
     # running up to the chip's top, a bald head where a tight crop cut off the hair.
     return cv2.warpAffine(
         rgb, matrix, (chip.width, chip.height), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=chip.fill

@@ -246,8 +246,9 @@ def test_the_chip_geometry_and_detector_are_part_of_the_checkpoint(good):
     _refused(good, "chip is 48x48 but the model's input is 32x32")
     _save_rehashed(payload | {"chip": payload["chip"] | {"landmarks": [[0.5, 0.5]] * 4}}, good)
     _refused(good, "bad chip geometry")
-    _save_rehashed(payload | {"chip": payload["chip"] | {"fill": [128, 300, 128]}}, good)
-    _refused(good, "fill must be 3 integers")
+    for fill in ([128, 300, 128], 128, [128.0, 128, 128]):
+        _save_rehashed(payload | {"chip": payload["chip"] | {"fill": fill}}, good)
+        _refused(good, "fill must be 3 integers")
     _save_rehashed(payload | {"detector": DetectorSpec(sha256="0" * 64).to_dict()}, good)
     _refused(good, "not the one the checkpoint was trained with")
     _save_rehashed(payload | {"detector": {"name": "other"} | {"unknown": 1}}, good)
