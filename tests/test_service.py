@@ -220,6 +220,20 @@ def test_idle_decode_workers_exit_and_the_next_file_starts_them(tmp_path, tiny_c
         svc.close()
 
 
+def test_a_service_logging_only_warnings_starts_and_answers(tmp_path, tiny_checkpoint):
+    """Its start line (an info event) is not logged: start() waits for READY=1 alone, as the
+    benchmark's quiet service needs."""
+    svc = ServiceProcess(tmp_path, tiny_checkpoint, logging={"format": "json", "level": "warning"})
+    try:
+        svc.start()
+        assert not svc.events("start")
+        drop(svc.inbox, "a.jpg", IMG)
+        svc.wait_handled(1)
+        assert svc.stop() == 0
+    finally:
+        svc.close()
+
+
 def test_a_photo_dropped_again_after_a_stop_gets_its_own_record(service, tmp_path):
     service.start()
     drop(service.inbox, "photo.jpg", IMG)
