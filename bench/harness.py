@@ -4,6 +4,7 @@ the tests and the benchmark (`python -m bench`)."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import socket
@@ -36,8 +37,8 @@ class ServiceProcess:
     def __init__(self, folder: Path, checkpoint: Path, env: dict | None = None, **sections: dict) -> None:
         self.folder = folder
         self.config = write_config(folder, checkpoint, **sections)
-        level = sections.get("logging", {}).get("level", "info")
-        self.logs_start = level in ("debug", "info")  # the start line is an info event
+        level = sections.get("logging", {}).get("level", "info")  # watcher.config's default
+        self.logs_start = logging.getLevelNamesMapping()[level.upper()] <= logging.INFO  # the start line is an info event
         self.inbox, self.done, self.failed = folder / "inbox", folder / "done", folder / "failed"
         self.results, self.journal = folder / "results" / "process_results.json", folder / "results" / "journal.jsonl"
         self.notify_path = folder / "notify.sock"
@@ -65,8 +66,11 @@ class ServiceProcess:
         threading.Thread(target=self._read_notify, daemon=True).start()
         if wait_ready:
             # the start line is logged before READY=1, but reaches us through another pipe
-            started = (lambda: bool(self.events("start"))) if self.logs_start else (lambda: True)
-            self.wait_for(lambda: "READY=1" in " ".join(self.messages) and started(), 60, "READY=1 and start")
+            self.wait_for(
+                lambda: "READY=1" in " ".join(self.messages) and (self.events("start") or not self.logs_start),
+                60,
+                "READY=1 and start",
+            )
         return self
 
     def _read_logs(self, proc: subprocess.Popen) -> None:
