@@ -8,7 +8,7 @@ so loading never runs code from the file. Keys:
     arch, arch_args   network class name (model.network.ARCHITECTURES) and its constructor args
     input         InputSpec.to_dict(): height, width, mean, std
     chip          model.faces.ChipSpec.to_dict(): the face chip's size, landmark template and fill
-    detector      model.faces.DetectorSpec.to_dict(): the face detector (by SHA-256) and its settings
+    detector      model.faces.DetectorSpec.to_dict(): the face detector (by SHA-256) and how it is run
     class_names   output index -> label, e.g. ["female", "male"]
     state_dict    the weights
     meta          free-form: training data, command, metrics, wall time, ...

@@ -4,9 +4,9 @@
     for small faces in big photos, merged by NMS -> faces (box, 5 landmarks, score)
               -> similarity transform from the landmarks onto the chip's template -> uint8 chip
 
-A face-sized picture (a crop) in which no face passes both the score threshold and
-FaceRules.min_face_pixels is still taken as one: its best weaker detection of that size, or else
-the whole picture, unless it is flat or pure noise. Torch-free, like model.decode, so that the
+A face-sized picture (a crop: DetectorSpec.crop_side) in which no face passes both the score
+threshold and FaceRules.min_face_pixels is still taken as one: its best weaker detection of that
+size, or else the whole picture, unless it is flat or pure noise. Torch-free, like model.decode, so that the
 decode worker processes run it. The detector is YuNet from the
 OpenCV model zoo (MIT licence, see YUNET-LICENSE beside this file).
 """
@@ -34,14 +34,29 @@ CHIP_LANDMARKS = ((0.3656, 0.4208), (0.6330, 0.4193), (0.5002, 0.5499), (0.3904,
 # YuNet's landmarks relative to its own box (fractions of the box's width and height), averaged
 # over detections on face crops: how a whole picture taken as one face is aligned.
 BOX_LANDMARKS = ((0.284, 0.384), (0.731, 0.382), (0.51, 0.586), (0.317, 0.739), (0.699, 0.738))
-# The colour of the detector's padding, and the chip's beyond the picture's edges unless its
-# ChipSpec says otherwise.
+# The default colour of the detector's padding and of the chip beyond the picture's edges.
 OUTSIDE = (128, 128, 128)
-# A picture whose longer side is at most this many pixels may be a face crop (see module docstring).
-FACE_SIZED = 512
-# A face's box also counts, smaller than FaceRules.min_face_pixels, when its shorter side is at
-# least this share of the picture's: in a crop of 13-40 px (IMFDB's smallest) the face is 11-20 px.
-CROP_FACE_SHARE = 0.5
+
+
+def _checked_landmarks(value: object) -> tuple[tuple[float, float], ...]:
+    """5 (x, y) points as fractions of a width and height, the left eye left of the right one."""
+    try:
+        points = tuple((float(x), float(y)) for x, y in value)
+    except (TypeError, ValueError):
+        points = ()
+    if len(points) != 5 or not all(0 <= v <= 1 for p in points for v in p) or points[0][0] >= points[1][0]:
+        raise ValueError(f"landmarks must be 5 points (x, y) in [0, 1], the left eye left of the right one: {value!r}")
+    return points
+
+
+def _checked_colour(name: str, value: object) -> tuple[int, int, int]:
+    if not (
+        isinstance(value, (list, tuple))
+        and len(value) == 3
+        and all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 255 for v in value)
+    ):
+        raise ValueError(f"{name} must be 3 integers in [0, 255], found {value!r}")
+    return tuple(value)
 
 
 @dataclass(frozen=True)
@@ -60,17 +75,9 @@ class ChipSpec:
 
     @classmethod
     def from_dict(cls, d: dict) -> ChipSpec:
-        points = tuple((float(x), float(y)) for x, y in d["landmarks"])
-        if len(points) != 5 or not all(0 <= v <= 1 for p in points for v in p) or points[0][0] >= points[1][0]:
-            raise ValueError(f"landmarks must be 5 points inside the chip, left eye left of the right one: {points}")
-        fill = d.get("fill", OUTSIDE)  # a checkpoint that does not record it was cut on OUTSIDE
-        if not (
-            isinstance(fill, (list, tuple))
-            and len(fill) == 3
-            and all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 255 for v in fill)
-        ):
-            raise ValueError(f"fill must be 3 integers in [0, 255], found {fill!r}")
-        return cls(int(d["height"]), int(d["width"]), points, tuple(fill))
+        points = _checked_landmarks(d["landmarks"])
+        fill = _checked_colour("fill", d.get("fill", [128, 128, 128]))  # the grey of checkpoints that do not record it
+        return cls(int(d["height"]), int(d["width"]), points, fill)
 
 
 # DetectorSpec's numeric settings: their type and the range a checkpoint's may take.
@@ -81,7 +88,19 @@ DETECTOR_SETTINGS = (
     ("close_side", int, 1, math.inf),
     ("far_side", int, 1, math.inf),
     ("pad", float, 0.0, math.inf),
+    ("top_k", int, 1, math.inf),
+    ("crop_side", int, 0, math.inf),
+    ("crop_face_share", float, 0.0, 1.0),
 )
+# The DetectorSpec keys that the first checkpoints of this format do not record, with the values
+# those were made with: written out here, not taken from the defaults, which may change.
+UNRECORDED_DETECTOR_SETTINGS = {
+    "pad_colour": [128, 128, 128],
+    "top_k": 100,
+    "crop_side": 512,
+    "crop_face_share": 0.5,
+    "box_landmarks": [[0.284, 0.384], [0.731, 0.382], [0.51, 0.586], [0.317, 0.739], [0.699, 0.738]],
+}
 
 
 @dataclass(frozen=True)
@@ -96,21 +115,31 @@ class DetectorSpec:
     close_side: int = 320  # longest side of the padded pass (YuNet sees faces of about 10-300 px)
     far_side: int = 640  # longest side of the pass for small faces in big photos (it sees faces from about 2 % of the width)
     pad: float = 0.3  # border added around the picture for the close pass, as a fraction of its longer side
+    pad_colour: tuple[int, int, int] = OUTSIDE  # RGB of that border (repeating the edges would repeat a face)
+    top_k: int = 100  # most detections YuNet keeps from one pass
+    crop_side: int = 512  # a picture at most this many pixels on its longer side may be a face crop
+    # A face's box in a crop also counts, smaller than FaceRules.min_face_pixels, when its shorter
+    # side is at least this share of the picture's: in a crop of 13-40 px the face is 11-20 px.
+    crop_face_share: float = 0.5
+    box_landmarks: tuple[tuple[float, float], ...] = BOX_LANDMARKS  # how a whole picture taken as a face is aligned
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        return d | {"pad_colour": list(self.pad_colour), "box_landmarks": [list(p) for p in self.box_landmarks]}
 
     @classmethod
     def from_dict(cls, d: dict) -> DetectorSpec:
         """Exactly the fields to_dict writes, each of its type and in its range: a key left out
-        would silently take this code's default, even the detector's SHA-256. The ValueError names
-        the key that is wrong."""
+        would silently take this code's default, even the detector's SHA-256. Only the keys of
+        UNRECORDED_DETECTOR_SETTINGS may be absent, and mean the values written there. The
+        ValueError names the key that is wrong."""
         if not isinstance(d, dict):
             raise TypeError(f"a dict is needed, found {type(d).__name__}")
+        d = UNRECORDED_DETECTOR_SETTINGS | d
         names = [f.name for f in fields(cls)]
         missing, unexpected = [k for k in names if k not in d], sorted(set(d) - set(names), key=str)
         if missing or unexpected:
-            raise ValueError(f"the keys must be {names}: missing {missing}, unexpected {unexpected}")
+            raise ValueError(f"missing {missing}, unexpected {unexpected}: the keys must be {names}")
         if not isinstance(d["name"], str):
             raise ValueError(f"name must be a string, found {d['name']!r}")
         if not (isinstance(d["sha256"], str) and re.fullmatch("[0-9a-f]{64}", d["sha256"])):
@@ -121,14 +150,16 @@ class DetectorSpec:
                 raise ValueError(f"{name} must be {'a number' if kind is float else 'an integer'} {allowed}, found {value!r}")
             if not (math.isfinite(value) and low <= value <= high):
                 raise ValueError(f"{name} must be {allowed}, found {value!r}")
-        return cls(**(d | {name: kind(d[name]) for name, kind, _, _ in DETECTOR_SETTINGS}))
+        checked = {name: kind(d[name]) for name, kind, _, _ in DETECTOR_SETTINGS}
+        pad_colour, box_landmarks = _checked_colour("pad_colour", d["pad_colour"]), _checked_landmarks(d["box_landmarks"])
+        return cls(**(d | checked | {"pad_colour": pad_colour, "box_landmarks": box_landmarks}))
 
 
 @dataclass(frozen=True)
 class FaceRules:
     """The serving choices: which faces count, and what a picture without one gets."""
 
-    min_face_pixels: int = 20  # shorter side of a face's box in the picture's own pixels (see CROP_FACE_SHARE)
+    min_face_pixels: int = 20  # shorter side of a face's box in the picture's own pixels (see DetectorSpec.crop_face_share)
     max_faces: int = 10  # the largest ones are kept
     no_face: str = "fail"  # "answer": classify the whole picture as one face instead
 
@@ -173,19 +204,19 @@ def check_detector(spec: DetectorSpec, path: Path = DETECTOR_FILE) -> None:
 def _detector(spec: DetectorSpec) -> cv2.FaceDetectorYN:
     check_detector(spec)
     cv2.setNumThreads(1)  # one decode process per core: threads inside each would only fight
-    return cv2.FaceDetectorYN.create(str(DETECTOR_FILE), "", (spec.close_side, spec.close_side), spec.weak_threshold, 1.0, 100)
+    size = (spec.close_side, spec.close_side)
+    return cv2.FaceDetectorYN.create(str(DETECTOR_FILE), "", size, spec.weak_threshold, 1.0, spec.top_k)
 
 
 def _run_pass(rgb: np.ndarray, side: int, pad: float, spec: DetectorSpec) -> np.ndarray:
     """Detections (N, 15: box, 5 landmarks, score) in `rgb`'s pixels, from the picture scaled so
-    that, once padded by `pad` of its longer side (grey: repeating the edges would repeat a face),
-    its longer side is `side`."""
+    that, once padded by `pad` of its longer side in spec.pad_colour, its longer side is `side`."""
     height, width = rgb.shape[:2]
     scale = side / ((1 + 2 * pad) * max(height, width))
     size = (max(1, round(width * scale)), max(1, round(height * scale)))
     small = cv2.resize(rgb, size, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
     border = round(pad * max(size))
-    padded = cv2.copyMakeBorder(small, border, border, border, border, cv2.BORDER_CONSTANT, value=OUTSIDE)
+    padded = cv2.copyMakeBorder(small, border, border, border, border, cv2.BORDER_CONSTANT, value=spec.pad_colour)
     detector = _detector(spec)
     detector.setInputSize((padded.shape[1], padded.shape[0]))
     # YuNet takes BGR; cvtColor, as numpy's strided copy cost 6 % of a crop's decode
@@ -272,7 +303,7 @@ def find_faces(rgb: np.ndarray, scale: float, chip: ChipSpec, spec: DetectorSpec
     Boxes are in the picture's own pixels (divided by `scale`)."""
     height, width = rgb.shape[:2]
     found = detect(rgb, spec)
-    face_sized = max(height, width) / scale <= FACE_SIZED
+    face_sized = max(height, width) / scale <= spec.crop_side
 
     def box_of(row: np.ndarray) -> tuple[float, ...]:
         return tuple(float(v) / scale for v in row[:4])
@@ -280,14 +311,16 @@ def find_faces(rgb: np.ndarray, scale: float, chip: ChipSpec, spec: DetectorSpec
     def detected(row: np.ndarray, how: str) -> Face:
         return Face(box_of(row), round(float(row[14]), 4), how, cut_chip(rgb, row[4:14].reshape(5, 2), chip))
 
-    smallest = min(rules.min_face_pixels, CROP_FACE_SHARE * min(height, width) / scale) if face_sized else rules.min_face_pixels
+    smallest = rules.min_face_pixels
+    if face_sized:
+        smallest = min(smallest, spec.crop_face_share * min(height, width) / scale)
     big_enough = [row for row in found if min(box_of(row)[2:]) >= smallest]
     faces = [detected(row, "detected") for row in big_enough if row[14] >= spec.score_threshold]
     if not faces and face_sized and big_enough:
         # the best of them, below score_threshold: every one above it is in `faces` already
         faces.append(detected(big_enough[0], "weak_detection"))
     if not faces and (rules.no_face == "answer" or (face_sized and _looks_like_a_picture(rgb))):
-        points = np.array(BOX_LANDMARKS) * (width, height)
+        points = np.array(spec.box_landmarks) * (width, height)
         faces.append(Face((0.0, 0.0, width / scale, height / scale), 0.0, "whole_image", cut_chip(rgb, points, chip)))
     faces.sort(key=lambda f: f.box[2] * f.box[3], reverse=True)
     return faces[: rules.max_faces]

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from model import checkpoint as ckpt
-from model.faces import OUTSIDE, ChipSpec, DetectorSpec, FaceRules
+from model.faces import OUTSIDE, UNRECORDED_DETECTOR_SETTINGS, ChipSpec, DetectorSpec, FaceRules
 from model.network import ConvReLU, GenderNet
 from model.preprocess import InputSpec
 from tests.conftest import TINY_ARCH, TINY_CHIP, TINY_SPEC, make_tiny_checkpoint
@@ -270,6 +270,13 @@ def test_a_chip_that_does_not_record_its_fill_was_cut_on_the_default_grey(good):
     payload = _payload(good)
     _save_rehashed(payload | {"chip": {k: v for k, v in payload["chip"].items() if k != "fill"}}, good)
     assert ckpt.load(good).chip.fill == OUTSIDE
+
+
+def test_a_detector_without_the_settings_recorded_later_loads_with_the_values_it_was_made_with(good):
+    payload = _payload(good)
+    early = {k: v for k, v in payload["detector"].items() if k not in UNRECORDED_DETECTOR_SETTINGS}
+    _save_rehashed(payload | {"detector": early}, good)
+    assert ckpt.load(good).detector == DetectorSpec()
 
 
 def test_a_fifo_or_a_folder_at_the_checkpoint_path_is_refused_without_blocking(tmp_path):

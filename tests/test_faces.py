@@ -11,7 +11,18 @@ import torch
 from PIL import Image
 
 from model.decode import ImageError, decode_faces, decode_file
-from model.faces import CHIP_LANDMARKS, NO_FACE, ChipSpec, DetectorSpec, FaceRules, Preprocessing, cut_chip, detect, find_faces
+from model.faces import (
+    CHIP_LANDMARKS,
+    NO_FACE,
+    UNRECORDED_DETECTOR_SETTINGS,
+    ChipSpec,
+    DetectorSpec,
+    FaceRules,
+    Preprocessing,
+    cut_chip,
+    detect,
+    find_faces,
+)
 from model.preprocess import to_batch
 from tests.conftest import SHARED_DATA, needs_shared_data
 from train.data import TRAINING_RULES, load_dataset
@@ -193,8 +204,10 @@ def test_a_face_under_min_face_pixels_counts_only_as_the_whole_of_a_tiny_crop():
 
 
 def test_detector_settings_round_trip():
-    spec = DetectorSpec(score_threshold=0.5, close_side=256)
+    spec = DetectorSpec(score_threshold=0.5, close_side=256, pad_colour=(0, 0, 0), top_k=5, crop_side=300)
     assert DetectorSpec.from_dict(spec.to_dict()) == spec
+    moved = DetectorSpec(crop_face_share=0.25, box_landmarks=((0.3, 0.4), (0.7, 0.4), (0.5, 0.6), (0.35, 0.75), (0.65, 0.75)))
+    assert DetectorSpec.from_dict(moved.to_dict()) == moved
     whole_numbers = DetectorSpec.from_dict(spec.to_dict() | {"score_threshold": 1, "pad": 0})
     assert whole_numbers.score_threshold == 1.0 and isinstance(whole_numbers.pad, float)
 
@@ -216,6 +229,13 @@ def test_detector_settings_round_trip():
         ({"far_side": True}, "far_side must be an integer"),
         ({"pad": -0.1}, "pad must be at least 0.0"),
         ({"pad": float("inf")}, "pad must be at least 0.0"),
+        ({"pad_colour": [128, 128]}, "pad_colour must be 3 integers in"),
+        ({"pad_colour": [128, 128, 256]}, "pad_colour must be 3 integers in"),
+        ({"top_k": 0}, "top_k must be at least 1, found 0"),
+        ({"crop_side": -1}, "crop_side must be at least 0, found -1"),
+        ({"crop_face_share": 1.5}, r"crop_face_share must be in \[0.0, 1.0\]"),
+        ({"box_landmarks": [[0.5, 0.5]] * 4}, "landmarks must be 5 points"),
+        ({"box_landmarks": "eyes"}, "landmarks must be 5 points"),
     ],
 )
 def test_detector_settings_with_a_key_missing_or_wrong_are_refused_by_name(edit, match):
@@ -223,3 +243,22 @@ def test_detector_settings_with_a_key_missing_or_wrong_are_refused_by_name(edit,
     d = {k: v for k, v in d.items() if v is not None}
     with pytest.raises(ValueError, match=match):
         DetectorSpec.from_dict(d)
+
+
+def test_detector_settings_that_early_checkpoints_leave_out_take_the_values_those_were_made_with():
+    early = {k: v for k, v in DetectorSpec().to_dict().items() if k not in UNRECORDED_DETECTOR_SETTINGS}
+    assert DetectorSpec.from_dict(early) == DetectorSpec()  # today's defaults are those values
+    recorded = DetectorSpec.from_dict(early | {"top_k": 7})
+    assert recorded.top_k == 7 and recorded.crop_side == 512
+
+
+def test_the_detector_spec_says_which_pictures_may_be_face_crops():
+    """A face-sized picture with no face is taken whole as one; with crop_side below its size it
+    is a picture without a face."""
+    rgb = np.asarray(background((400, 300), random.Random(3)))
+    (whole,) = find_faces(rgb, 1.0, SERVING.chip, SERVING.detector, FaceRules())
+    assert whole.how == "whole_image"
+    expected = cut_chip(rgb, np.array(SERVING.detector.box_landmarks) * (400, 300), SERVING.chip)
+    assert np.array_equal(whole.chip, expected)
+    not_a_crop = DetectorSpec(crop_side=399)
+    assert find_faces(rgb, 1.0, SERVING.chip, not_a_crop, FaceRules()) == []

@@ -7,6 +7,7 @@ import pytest
 
 import model
 from model import checkpoint as ckpt
+from model.faces import DetectorSpec
 from model.pool import DecodePool
 from model.precision import uses_bfloat16
 from tests.conftest import ROOT, SHARED_DATA, needs_shared_data
@@ -23,6 +24,7 @@ def shipped():
 def test_shipped_checkpoint_is_small_and_described(shipped):
     assert model.DEFAULT_CHECKPOINT.stat().st_size < 8 * 1024 * 1024
     assert shipped.class_names == ["female", "male"]
+    assert shipped.detector == DetectorSpec()  # what `python -m train` records today, read from the file
     summary = json.loads(REPORT.read_text())
     assert summary["version"] == shipped.version, "the committed report belongs to the committed checkpoint"
     assert shipped.meta["command"] == summary["command"]
