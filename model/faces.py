@@ -6,9 +6,9 @@
 
 A face-sized picture (a crop: DetectorSpec.crop_side) in which no face passes both the score
 threshold and FaceRules.min_face_pixels is still taken as one: its best weaker detection of that
-size, or else the whole picture, unless it is flat or pure noise. Torch-free, like model.decode, so that the
-decode worker processes run it. The detector is YuNet from the
-OpenCV model zoo (MIT licence, see YUNET-LICENSE beside this file).
+size, or else the whole picture, unless it is flat or pure noise. Torch-free, like model.decode,
+so that the decode worker processes run it. The detector is YuNet from the OpenCV model zoo (MIT
+licence, see YUNET-LICENSE beside this file).
 """
 
 from __future__ import annotations
