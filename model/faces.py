@@ -38,15 +38,15 @@ BOX_LANDMARKS = ((0.284, 0.384), (0.731, 0.382), (0.51, 0.586), (0.317, 0.739), 
 OUTSIDE = (128, 128, 128)
 
 
-def _checked_landmarks(value: object) -> tuple[tuple[float, float], ...]:
+def _checked_landmarks(name: str, value: object) -> tuple[tuple[float, float], ...]:
     """5 (x, y) points as fractions of a width and height, the left eye left of the right one."""
-    try:
-        points = tuple((float(x), float(y)) for x, y in value)
-    except (TypeError, ValueError):
-        points = ()
-    if len(points) != 5 or not all(0 <= v <= 1 for p in points for v in p) or points[0][0] >= points[1][0]:
-        raise ValueError(f"landmarks must be 5 points (x, y) in [0, 1], the left eye left of the right one: {value!r}")
-    return points
+    pairs = list(value) if isinstance(value, (list, tuple)) else []
+    numbers = [v for p in pairs if isinstance(p, (list, tuple)) and len(p) == 2 for v in p]
+    valid = len(pairs) == 5 and len(numbers) == 10
+    valid = valid and all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1 for v in numbers)
+    if not valid or numbers[0] >= numbers[2]:
+        raise ValueError(f"{name} must be 5 points (x, y) in [0, 1], the left eye left of the right one: {value!r}")
+    return tuple((float(x), float(y)) for x, y in pairs)
 
 
 def _checked_colour(name: str, value: object) -> tuple[int, int, int]:
@@ -75,7 +75,7 @@ class ChipSpec:
 
     @classmethod
     def from_dict(cls, d: dict) -> ChipSpec:
-        points = _checked_landmarks(d["landmarks"])
+        points = _checked_landmarks("landmarks", d["landmarks"])
         fill = _checked_colour("fill", d.get("fill", [128, 128, 128]))  # the grey of checkpoints that do not record it
         return cls(int(d["height"]), int(d["width"]), points, fill)
 
@@ -88,7 +88,7 @@ DETECTOR_SETTINGS = (
     ("close_side", int, 1, math.inf),
     ("far_side", int, 1, math.inf),
     ("pad", float, 0.0, math.inf),
-    ("top_k", int, 1, math.inf),
+    ("top_k", int, 1, 10_000),
     ("crop_side", int, 0, math.inf),
     ("crop_face_share", float, 0.0, 1.0),
 )
@@ -151,7 +151,8 @@ class DetectorSpec:
             if not (math.isfinite(value) and low <= value <= high):
                 raise ValueError(f"{name} must be {allowed}, found {value!r}")
         checked = {name: kind(d[name]) for name, kind, _, _ in DETECTOR_SETTINGS}
-        pad_colour, box_landmarks = _checked_colour("pad_colour", d["pad_colour"]), _checked_landmarks(d["box_landmarks"])
+        pad_colour = _checked_colour("pad_colour", d["pad_colour"])
+        box_landmarks = _checked_landmarks("box_landmarks", d["box_landmarks"])
         return cls(**(d | checked | {"pad_colour": pad_colour, "box_landmarks": box_landmarks}))
 
 

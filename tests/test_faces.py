@@ -231,11 +231,13 @@ def test_detector_settings_round_trip():
         ({"pad": float("inf")}, "pad must be at least 0.0"),
         ({"pad_colour": [128, 128]}, "pad_colour must be 3 integers in"),
         ({"pad_colour": [128, 128, 256]}, "pad_colour must be 3 integers in"),
-        ({"top_k": 0}, "top_k must be at least 1, found 0"),
+        ({"top_k": 0}, r"top_k must be in \[1, 10000\], found 0"),
         ({"crop_side": -1}, "crop_side must be at least 0, found -1"),
         ({"crop_face_share": 1.5}, r"crop_face_share must be in \[0.0, 1.0\]"),
         ({"box_landmarks": [[0.5, 0.5]] * 4}, "landmarks must be 5 points"),
-        ({"box_landmarks": "eyes"}, "landmarks must be 5 points"),
+        ({"box_landmarks": "eyes"}, "box_landmarks must be 5 points"),
+        ({"box_landmarks": [["0.3", 0.4], [0.7, 0.4], [0.5, 0.6], [0.35, 0.75], [0.65, 0.75]]}, "box_landmarks must be"),
+        ({"top_k": 2**31}, r"top_k must be in \[1, 10000\]"),
     ],
 )
 def test_detector_settings_with_a_key_missing_or_wrong_are_refused_by_name(edit, match):
