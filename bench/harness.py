@@ -15,6 +15,7 @@ import time
 from contextlib import suppress
 from pathlib import Path
 
+from watcher.config import LoggingSettings
 from watcher.results import exact_names
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,7 +38,7 @@ class ServiceProcess:
     def __init__(self, folder: Path, checkpoint: Path, env: dict | None = None, **sections: dict) -> None:
         self.folder = folder
         self.config = write_config(folder, checkpoint, **sections)
-        level = sections.get("logging", {}).get("level", "info")  # watcher.config's default
+        level = sections.get("logging", {}).get("level", LoggingSettings.level)
         self.logs_start = logging.getLevelNamesMapping()[level.upper()] <= logging.INFO  # the start line is an info event
         self.inbox, self.done, self.failed = folder / "inbox", folder / "done", folder / "failed"
         self.results, self.journal = folder / "results" / "process_results.json", folder / "results" / "journal.jsonl"
