@@ -59,6 +59,15 @@ def _checked_colour(name: str, value: object) -> tuple[int, int, int]:
     return tuple(value)
 
 
+def _freeze(spec: object, *names: str) -> None:
+    """Lists given for these fields become tuples, so that a spec built in code compares equal to
+    the same one loaded, and can key a cache."""
+    for name in names:
+        value = getattr(spec, name)
+        frozen = tuple(tuple(v) if isinstance(v, (list, np.ndarray)) else v for v in value)
+        object.__setattr__(spec, name, frozen)
+
+
 @dataclass(frozen=True)
 class ChipSpec:
     """The face chip the model takes: its size, where the five landmarks land in it, and its
@@ -68,6 +77,9 @@ class ChipSpec:
     width: int
     landmarks: tuple[tuple[float, float], ...] = CHIP_LANDMARKS
     fill: tuple[int, int, int] = OUTSIDE
+
+    def __post_init__(self) -> None:
+        _freeze(self, "landmarks", "fill")
 
     def to_dict(self) -> dict:
         landmarks = [list(p) for p in self.landmarks]
@@ -122,6 +134,9 @@ class DetectorSpec:
     # side is at least this share of the picture's: in a crop of 13-40 px the face is 11-20 px.
     crop_face_share: float = 0.5
     box_landmarks: tuple[tuple[float, float], ...] = BOX_LANDMARKS  # how a whole picture taken as a face is aligned
+
+    def __post_init__(self) -> None:
+        _freeze(self, "pad_colour", "box_landmarks")
 
     def to_dict(self) -> dict:
         d = asdict(self)

@@ -12,6 +12,7 @@ from PIL import Image
 
 from model.decode import ImageError, decode_faces, decode_file
 from model.faces import (
+    BOX_LANDMARKS,
     CHIP_LANDMARKS,
     NO_FACE,
     UNRECORDED_DETECTOR_SETTINGS,
@@ -210,6 +211,16 @@ def test_detector_settings_round_trip():
     assert DetectorSpec.from_dict(moved.to_dict()) == moved
     whole_numbers = DetectorSpec.from_dict(spec.to_dict() | {"score_threshold": 1, "pad": 0})
     assert whole_numbers.score_threshold == 1.0 and isinstance(whole_numbers.pad, float)
+
+
+def test_specs_built_with_lists_equal_the_loaded_ones_and_key_the_detector_cache():
+    points = [list(p) for p in BOX_LANDMARKS]
+    spec = DetectorSpec(pad_colour=[0, 0, 0], box_landmarks=points)
+    assert spec == DetectorSpec.from_dict(spec.to_dict()) and hash(spec) == hash(DetectorSpec.from_dict(spec.to_dict()))
+    assert hash(ChipSpec(64, 64, landmarks=np.array(CHIP_LANDMARKS), fill=[0, 0, 0])) == hash(
+        ChipSpec(64, 64, CHIP_LANDMARKS, (0, 0, 0))
+    )
+    assert detect(np.full((100, 100, 3), 128, np.uint8), spec).shape == (0, 15)  # the cached detector takes it
 
 
 @pytest.mark.parametrize(
