@@ -64,7 +64,8 @@ def _freeze(spec: object, *names: str) -> None:
     the same one loaded, and can key a cache."""
     for name in names:
         value = getattr(spec, name)
-        frozen = tuple(tuple(v) if isinstance(v, (list, np.ndarray)) else v for v in value)
+        value = value.tolist() if isinstance(value, np.ndarray) else value  # numbers, not numpy scalars
+        frozen = tuple(tuple(v) if isinstance(v, list) else v for v in value)
         object.__setattr__(spec, name, frozen)
 
 
