@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 
 from bench.harness import child_pids, descendant_pids
 from watcher.bulk import engine
-from watcher.bulk.output import SUMMARY
+from watcher.bulk.output import SUMMARY, OutputFolder
 from watcher.bulk.rows import SCHEMA, Classifier
 from watcher.bulk.sources import SourceError
 from watcher.once import classify_folder
@@ -255,8 +255,17 @@ def test_an_object_store_as_source_and_output(tmp_path, tiny_checkpoint, s3_serv
     args = [f"s3://photos/in{options}", f"s3://photos/out{options}", "--config", str(config_file), "--format", "jsonl"]
     home = tmp_path / "home"
     home.mkdir()
+    top = subprocess.run(
+        [sys.executable, "-m", "watcher.bulk", args[0], f"s3://photos{options}", "--config", str(config_file)],
+        env=bulk_env(home),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert top.returncode == 2 and "cannot write the output beside it" in top.stderr, top.stderr  # before any file
+    elsewhere = {"RAY_ADDRESS": "127.0.0.1:9"}  # another Ray's address: a run that starts its own does not go there
     proc = subprocess.run(
-        [sys.executable, "-m", "watcher.bulk", *args], env=bulk_env(home), capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "watcher.bulk", *args], env=bulk_env(home) | elsewhere, capture_output=True, text=True, timeout=300
     )
     assert proc.returncode == 1, proc.stderr  # huge.jpg is over the byte limit
     assert list(home.iterdir()) == []  # nothing of Ray's in the home folder (no ~/.ray/auth_token)
@@ -359,6 +368,24 @@ def test_usage_errors_exit_2_with_one_line(tmp_path, tiny_checkpoint):
     taken = bulk_cli(str(tmp_path / "src"), str(tmp_path / "out"), "--checkpoint", str(tiny_checkpoint))
     assert taken.returncode == 2 and "already holds output: pass --resume" in taken.stderr
     assert "ray" not in taken.stderr.lower().replace("already", "")  # refused before Ray was started
+    (tmp_path / "a-file").write_text("")
+    unwritable = bulk_cli(str(tmp_path / "src"), str(tmp_path / "a-file" / "out"), "--checkpoint", str(tiny_checkpoint))
+    assert unwritable.returncode == 2 and "a-file/out: cannot write the output beside it" in unwritable.stderr
+    assert "ray" not in unwritable.stderr.lower()
+
+
+def test_the_output_folder_counts_only_output_and_names_a_part_it_cannot_resume_from(tmp_path):
+    out = tmp_path / "out"
+    (out / "lost+found").mkdir(parents=True)
+    (out / ".DS_Store").write_bytes(b"\0")
+    first = OutputFolder(str(out), "parquet", resume=False)  # nothing there is output
+    assert not first.exists
+    first.abandon()
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # the staging folder made to check OUT is gone
+    (out / "part-earlier.parquet").write_bytes(b"not parquet")
+    (out / SUMMARY).write_text(json.dumps({"runs": [], "format": "parquet"}))
+    with pytest.raises(SourceError, match=r"part-earlier\.parquet: cannot resume"):
+        OutputFolder(str(out), "parquet", resume=True).done_paths()
 
 
 def test_without_ray_the_command_says_how_to_get_it(monkeypatch, capsys):

@@ -80,7 +80,10 @@ def start_ray(address: str | None, object_store_mb: int) -> None:
     if address:
         ray.init(address=address, **common)
     else:
-        ray.init(num_cpus=os.cpu_count(), object_store_memory=object_store_mb << 20, include_dashboard=False, **common)
+        # "local": a new Ray even where RAY_ADDRESS or a `ray start` on this machine names another
+        ray.init(
+            address="local", num_cpus=os.cpu_count(), object_store_memory=object_store_mb << 20, include_dashboard=False, **common
+        )
     signal.signal(signal.SIGTERM, on_sigterm)
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False  # ours is drawn here, from the rows that arrive
@@ -98,19 +101,21 @@ def run(job: BulkRun) -> RunSummary:
     version = ckpt.loads(checkpoint_bytes, str(job.checkpoint), job.config.batch.precision).version
     source_fs, source_root = open_location(job.source)
     output = OutputFolder(job.output, job.fmt, job.resume)
-    done = output.done_paths()
-    todo = [p for p in list_files(source_fs, source_root) if readable_name(p) not in done]
-    summary = RunSummary(output.run, job.source, version, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), skipped=len(done))
-    if "ray" not in sys.modules or not sys.modules["ray"].is_initialized():
-        start_ray(job.address, job.object_store_mb)  # first: it sets the environment Ray reads when imported
-    import ray
+    try:  # from here on a run that does not finish removes its staging folder
+        done = output.done_paths()
+        todo = [p for p in list_files(source_fs, source_root) if readable_name(p) not in done]
+        summary = RunSummary(
+            output.run, job.source, version, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), skipped=len(done)
+        )
+        if "ray" not in sys.modules or not sys.modules["ray"].is_initialized():
+            start_ray(job.address, job.object_store_mb)  # first: it sets the environment Ray reads when imported
+        import ray
 
-    cpus = int(ray.cluster_resources().get("CPU", 1))
-    workers = job.workers or cpus
-    logger.info("bulk_start", source=job.source, files=len(todo), skipped=len(done), workers=workers, checkpoint=version)
-    progress = Progress(len(todo), "classifying")
-    first_rows_at, first_files = 0.0, 0
-    try:
+        cpus = int(ray.cluster_resources().get("CPU", 1))
+        workers = job.workers or cpus
+        logger.info("bulk_start", source=job.source, files=len(todo), skipped=len(done), workers=workers, checkpoint=version)
+        progress = Progress(len(todo), "classifying")
+        first_rows_at, first_files = 0.0, 0
         for rows in _classified(todo, job, checkpoint_bytes, source_fs, source_root, workers, min(1.0, cpus / workers)):
             output.write(rows)
             progress.advance(_count(rows, summary, logger))

@@ -48,8 +48,9 @@ class RunSummary:
 
 
 class OutputFolder:
-    """OUT, opened for one run. Raises SourceError when OUT cannot be used: it is a file, or it
-    holds an earlier run's output and `resume` is not set."""
+    """OUT, opened for one run, its staging folder made. Raises SourceError when OUT cannot be
+    used: it is a file, it cannot be listed or written beside, or it holds an earlier run's output
+    and `resume` is not set."""
 
     def __init__(self, uri: str, fmt: str, resume: bool) -> None:
         if fmt not in FORMATS:
@@ -59,7 +60,7 @@ class OutputFolder:
         kind = self._kind(self.root)
         if kind == pafs.FileType.File:
             raise SourceError(f"{uri} is a file; the output is a folder")
-        self.exists = kind == pafs.FileType.Directory and bool(self._entries(self.root))
+        self.exists = kind == pafs.FileType.Directory and self._holds_output()
         if self.exists and not resume:
             raise SourceError(
                 f"{uri} already holds output: pass --resume to add the files not in it yet, or choose another folder"
@@ -73,6 +74,20 @@ class OutputFolder:
         self._parts: list[str] = []
         self._pending: list[pa.Table] = []
         self._pending_rows = 0
+        self._check_writable()
+
+    def _check_writable(self) -> None:
+        """Write into the staging folder now, so that a place that cannot be written (no permission,
+        a bucket that does not exist or a bucket's top as OUT) is refused before any file is classified."""
+        probe = f"{self.staging}/_probe"
+        try:
+            self.fs.create_dir(self.staging, recursive=True)
+            with self.fs.open_output_stream(probe) as stream:
+                stream.write(b"")
+            self.fs.delete_file(probe)
+        except OSError as exc:
+            self.abandon()
+            raise SourceError(f"{self.uri}: cannot write the output beside it, in {self.staging}: {exc}") from None
 
     def _kind(self, path: str) -> pafs.FileType:
         try:
@@ -81,7 +96,14 @@ class OutputFolder:
             raise SourceError(f"{path}: {exc}") from None
 
     def _entries(self, folder: str) -> list[pafs.FileInfo]:
-        return self.fs.get_file_info(pafs.FileSelector(folder, recursive=False))
+        try:
+            return self.fs.get_file_info(pafs.FileSelector(folder, recursive=False))
+        except OSError as exc:
+            raise SourceError(f"{folder}: cannot list it: {exc}") from None
+
+    def _holds_output(self) -> bool:
+        """Parts or a summary of an earlier run; other entries (.DS_Store, lost+found) are not output."""
+        return any(f.base_name == SUMMARY or f.base_name.startswith("part-") for f in self._entries(self.root))
 
     def _parts_in(self, folder: str) -> list[str]:
         return sorted(
@@ -99,11 +121,14 @@ class OutputFolder:
         """The source paths that already have rows in OUT."""
         done: set[str] = set()
         for part in self._parts_in(self.root) if self.exists else []:
-            if self.fmt == "parquet":
-                done.update(pq.read_table(part, columns=["path"], filesystem=self.fs).column("path").to_pylist())
-            else:
-                with self.fs.open_input_stream(part) as stream:
-                    done.update(json.loads(line)["path"] for line in stream.read().splitlines() if line.strip())
+            try:
+                if self.fmt == "parquet":
+                    done.update(pq.read_table(part, columns=["path"], filesystem=self.fs).column("path").to_pylist())
+                else:
+                    with self.fs.open_input_stream(part) as stream:
+                        done.update(json.loads(line)["path"] for line in stream.read().splitlines() if line.strip())
+            except (OSError, ValueError, KeyError, TypeError) as exc:  # ArrowInvalid and JSON errors are ValueErrors
+                raise SourceError(f"{part}: cannot resume: the paths it holds cannot be read ({exc!r})") from None
         return done
 
     def write(self, rows: pa.Table) -> None:
@@ -116,8 +141,6 @@ class OutputFolder:
     def _flush(self) -> None:
         table = pa.concat_tables(self._pending) if self._pending else SCHEMA.empty_table()
         self._pending, self._pending_rows = [], 0
-        if not self._parts:
-            self.fs.create_dir(self.staging, recursive=True)
         name = f"{self.staging}/part-{self.run}-{len(self._parts):05d}.{self.fmt}"
         with self.fs.open_output_stream(name) as stream:
             if self.fmt == "parquet":
@@ -132,7 +155,6 @@ class OutputFolder:
         on record), then put the parts in place and write `_SUCCESS`."""
         if self._pending or not (self._parts or self.exists):
             self._flush()
-        self.fs.create_dir(self.staging, recursive=True)
         runs = [*self.previous_runs, asdict(summary)]
         totals = {key: sum(r.get(key, 0) for r in runs) for key in ("files", "answered", "failed", "faces")}
         text = json.dumps({**totals, "format": self.fmt, "runs": runs}, indent=2) + "\n"
