@@ -45,7 +45,7 @@ from model import checkpoint as ckpt
 from model.decode import ImageError, decode_faces, decode_picture, read_image_bytes
 from model.faces import FaceRules, Preprocessing
 from model.inference import mirror_averaged_logits, model_input
-from model.pool import DecodePool
+from model.pool import DecodePool, usable_cpus
 from model.preprocess import to_batch
 from train.photos import compose
 from watcher import config as configuration
@@ -105,7 +105,7 @@ def one_at_a_time(files: list[Path], checkpoint) -> float:
     """The original script's way: open, resize, one forward pass per file (the same model, precision
     and mirror averaging as served), with torch on all cores as a plain script runs it."""
     spec, threads = checkpoint.spec, torch.get_num_threads()
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(usable_cpus())
     start = time.perf_counter()
     for path in files:
         img = Image.open(path).convert("RGB").resize((spec.width, spec.height))
@@ -368,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
     config = dataclasses.replace(config, checkpoint=args.checkpoint.resolve())
     checkpoint = ckpt.load(args.checkpoint, config.batch.precision)
     torch.set_num_threads(config.batch.torch_threads)
-    cores = os.cpu_count() or 1
+    cores = usable_cpus()
     results: dict = {"files": len(files), "data": str(args.data), "cores": cores, "checkpoint": checkpoint.version}
     results["bfloat16"] = checkpoint.dtype == torch.bfloat16
     with tempfile.TemporaryDirectory() as tmp:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import fcntl
+import math
 import multiprocessing
 import os
 import pickle
@@ -55,6 +56,38 @@ class Ready(NamedTuple):
 SENT_AHEAD = 2  # tasks sent to a worker before it has finished the first of them
 RESULTS_PIPE_BYTES = 1 << 20  # the most an unprivileged process may ask for by default (pipe-max-size)
 _CONTEXT = multiprocessing.get_context("spawn")
+
+
+def _cpu_quota(folder: Path) -> float | None:
+    """The CPUs a cgroup folder's quota allows (v2 `cpu.max`, v1 `cpu.cfs_quota_us`), or None
+    where it sets none or has no such file."""
+    with suppress(OSError, ValueError):
+        quota, period = (folder / "cpu.max").read_text().split()
+        return None if quota == "max" else int(quota) / int(period)
+    with suppress(OSError, ValueError):
+        quota = int((folder / "cpu.cfs_quota_us").read_text())
+        return None if quota < 0 else quota / int((folder / "cpu.cfs_period_us").read_text())
+    return None
+
+
+def usable_cpus(cgroup_root: Path = Path("/sys/fs/cgroup"), own_cgroups: Path = Path("/proc/self/cgroup")) -> int:
+    """The CPUs this process can keep busy, for sizing worker pools and thread counts: those it may
+    run on (taskset, cpusets), fewer where a cgroup quota caps its CPU time (`docker --cpus`,
+    systemd's CPUQuota=), rounded up; at least 1. os.cpu_count() sees every core of the host."""
+    cpus = len(os.sched_getaffinity(0))
+    folders = []
+    with suppress(OSError, ValueError):  # no cgroups here, or a line of another shape
+        for line in own_cgroups.read_text().splitlines():
+            _, controllers, path = line.split(":", 2)
+            if controllers and "cpu" not in controllers.split(","):
+                continue
+            base = cgroup_root / controllers  # "" for cgroup v2's one hierarchy, "cpu,cpuacct" for v1's
+            # The quota may be set on any folder from this process's up to the mount; inside a
+            # container the path names the host's hierarchy and only the mount itself exists.
+            own = base / path.strip("/")
+            folders += [own, *(folder for folder in own.parents if folder == base or base in folder.parents)]
+    quotas = [quota for folder in dict.fromkeys(folders) if (quota := _cpu_quota(folder)) is not None]
+    return max(1, min([cpus, *(math.ceil(quota) for quota in quotas)]))
 
 
 DecodeFunction = Callable[[Path, Preprocessing, int], Decoded]

@@ -28,6 +28,7 @@ from model import checkpoint as ckpt
 from model.faces import NO_FACE, ChipSpec, DetectorSpec, FaceRules, Preprocessing
 from model.inference import mirror_averaged_logits
 from model.network import GenderNet
+from model.pool import usable_cpus
 from model.precision import autocast, uses_bfloat16
 from model.preprocess import InputSpec, normalize
 from model.progress import Progress
@@ -118,7 +119,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--val-fraction", type=float, default=0.05, help="share held out to choose the epoch and threshold")
     p.add_argument("--test-fraction", type=float, default=0.10, help="share held out for the test figures")
     p.add_argument("--limit", type=int, default=0, help="use at most this many images per class (0: all); for smoke runs")
-    p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads")
+    p.add_argument("--threads", type=int, default=usable_cpus(), help="torch threads")
     p.add_argument("--precision", choices=PRECISIONS, default="auto", help="forward-pass precision (auto: bfloat16 where fast)")
     p.add_argument("--device", default="cpu", help="torch device for training, e.g. cuda (the checkpoint is saved for the CPU)")
     args = p.parse_args(argv)

@@ -3,7 +3,6 @@ once, into an in-memory cache."""
 
 from __future__ import annotations
 
-import os
 import random
 from bisect import bisect_right
 from collections import defaultdict
@@ -14,7 +13,7 @@ import torch
 
 from model.decode import Decoded
 from model.faces import FaceRules, Preprocessing
-from model.pool import DecodePool
+from model.pool import DecodePool, usable_cpus
 from model.preprocess import to_batch
 from model.progress import Progress
 from train.metrics import summarize_groups
@@ -154,7 +153,7 @@ def load_dataset(items: list[tuple[Path, int]], prep: Preprocessing) -> tuple[Da
     paths = [path for path, _ in items]
     chunks = [paths[i : i + CHUNK] for i in range(0, len(paths), CHUNK)]
     decoded: list[Decoded] = []
-    with DecodePool(os.cpu_count() or 1) as pool:
+    with DecodePool(usable_cpus()) as pool:
         for pending in [pool.start(chunk, prep) for chunk in chunks]:
             decoded += pool.wait(pending)
             progress.advance(len(pending.paths))

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from model import PRECISIONS
 from model import checkpoint as ckpt
 from model.faces import NO_FACE, FaceRules
 from model.inference import classify_in_batches
-from model.pool import DecodePool
+from model.pool import DecodePool, usable_cpus
 from model.progress import Progress
 from train import DefaultsHelp
 from train.data import TrainingError, find_labeled_images, summarize_file_groups
@@ -104,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
             p.error(str(exc))
     print(f"checkpoint {args.checkpoint} (version {checkpoint.version})")
     results = {}
-    with DecodePool(os.cpu_count() or 1) as pool:
+    with DecodePool(usable_cpus()) as pool:
         for folder in args.folders:
             results[str(folder)] = evaluate_folder(folder, checkpoint, pool)
             print(format_summary(str(folder), results[str(folder)], checkpoint.class_names))

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import os
 import random
 import sys
 import tempfile
@@ -23,7 +22,7 @@ import model
 from model import checkpoint as ckpt
 from model.faces import FaceRules
 from model.inference import Outcome, classify_in_batches
-from model.pool import DecodePool
+from model.pool import DecodePool, usable_cpus
 from train import DefaultsHelp
 from train.data import TrainingError, find_labeled_images
 
@@ -145,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
             find_labeled_images(folder, checkpoint.class_names)
         except TrainingError as exc:
             p.error(str(exc))
-    with DecodePool(os.cpu_count() or 1) as pool:
+    with DecodePool(usable_cpus()) as pool:
         for folder in args.folders:
             r = measure(folder, checkpoint, pool, args.pictures, args.seed)
             print(

@@ -30,6 +30,7 @@ from pyarrow import fs as pafs
 
 from model import checkpoint as ckpt
 from model.files import readable_name
+from model.pool import usable_cpus
 from model.progress import Progress
 from watcher import log
 from watcher.bulk.output import OutputFolder, RunSummary
@@ -82,7 +83,7 @@ def start_ray(address: str | None, object_store_mb: int) -> None:
     else:
         # "local": a new Ray even where RAY_ADDRESS or a `ray start` on this machine names another
         ray.init(
-            address="local", num_cpus=os.cpu_count(), object_store_memory=object_store_mb << 20, include_dashboard=False, **common
+            address="local", num_cpus=usable_cpus(), object_store_memory=object_store_mb << 20, include_dashboard=False, **common
         )
     signal.signal(signal.SIGTERM, on_sigterm)
     context = ray.data.DataContext.get_current()
