@@ -26,11 +26,12 @@ from watcher import log
 if importlib.util.find_spec("ray") is None:  # not imported here: watcher.bulk.engine sets Ray's environment first
     pytest.skip("bulk mode needs the ray extra: pip install -e '.[ray]'", allow_module_level=True)
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from bench.harness import child_pids, descendant_pids
 from watcher.bulk import engine
-from watcher.bulk.output import SUMMARY, OutputFolder
+from watcher.bulk.output import SUMMARY, OutputFolder, RunSummary
 from watcher.bulk.rows import SCHEMA, Classifier
 from watcher.bulk.sources import SourceError
 from watcher.once import classify_folder
@@ -386,6 +387,22 @@ def test_the_output_folder_counts_only_output_and_names_a_part_it_cannot_resume_
     (out / SUMMARY).write_text(json.dumps({"runs": [], "format": "parquet"}))
     with pytest.raises(SourceError, match=r"part-earlier\.parquet: cannot resume"):
         OutputFolder(str(out), "parquet", resume=True).done_paths()
+
+
+def test_parts_without_a_summary_are_resumed_from(tmp_path):
+    """As a run leaves OUT when it stops while moving its parts into an object store."""
+    out = tmp_path / "out"
+    out.mkdir()
+    pq.write_table(pa.table({"path": ["a.jpg", "b/c.jpg"]}), out / "part-earlier-00000.parquet")
+    with pytest.raises(SourceError, match="already holds output: pass --resume"):
+        OutputFolder(str(out), "parquet", resume=False)
+    with pytest.raises(SourceError, match="holds parquet parts; resume it with --format parquet"):
+        OutputFolder(str(out), "jsonl", resume=True)
+    resumed = OutputFolder(str(out), "parquet", resume=True)
+    assert resumed.exists and resumed.done_paths() == {"a.jpg", "b/c.jpg"} and resumed.previous_runs == []
+    resumed.finish(RunSummary(resumed.run, "src", "v", "2026-12-08T00:00:00Z", skipped=2))
+    assert json.loads((out / SUMMARY).read_text())["runs"][0]["skipped"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
 def test_without_ray_the_command_says_how_to_get_it(monkeypatch, capsys):

@@ -5,7 +5,8 @@ A run writes `part-<run>-<n>.parquet` (or `.jsonl`) files into `<OUT>.incomplete
 OUT. When every file has its rows, a first run renames the staging folder to OUT; a `--resume`
 run moves its parts into OUT and then replaces `_SUCCESS`. Readers of OUT (pyarrow, pandas,
 Spark) skip names that start with "_", so they see only finished parts; a run that stops
-before the end leaves OUT as it was.
+before the end leaves OUT as it was, unless it stops while its parts move in (one at a time on
+an object store, and on `--resume`): then `--resume` goes on from the parts that arrived.
 """
 
 from __future__ import annotations
@@ -111,6 +112,12 @@ class OutputFolder:
         )
 
     def _read_summary(self) -> dict:
+        """`_SUCCESS`; where there are parts and none (a run stopped while it moved its parts into
+        OUT one object at a time), the parts' format and no earlier runs, so that `--resume` goes on
+        from the parts that arrived."""
+        if self._kind(f"{self.root}/{SUMMARY}") == pafs.FileType.NotFound:
+            parts = [f.base_name for f in self._entries(self.root) if f.base_name.startswith("part-")]
+            return {"runs": [], "format": parts[0].rsplit(".", 1)[-1]}
         try:
             with self.fs.open_input_stream(f"{self.root}/{SUMMARY}") as stream:
                 return json.loads(stream.read())
