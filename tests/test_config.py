@@ -59,11 +59,22 @@ def test_a_checkpoint_symlink_is_kept_as_a_symlink(tmp_path):
         ("inbox: 5\n", "inbox"),
         ("batch: {decode_seconds: .nan}\n", "batch.decode_seconds"),  # a deadline that never fires
         ("intake: {settle_seconds: .inf}\n", "intake.settle_seconds"),
+        ("batch: {decode_memory_mb: 100}\n", "batch.decode_memory_mb"),  # less than a decode process needs idle
+        ("batch: {decode_memory_mb: 10000000000000}\n", "batch.decode_memory_mb"),  # past the kernel's limit
+        ("batch: {torch_threads: 100000}\n", "batch.torch_threads"),
+        ("batch: {decode_processes: 100000}\n", "batch.decode_processes"),
+        ('inbox: "in\\0box"\n', "inbox"),
     ],
 )
 def test_bad_values_name_the_key(tmp_path, text, key):
     with pytest.raises(ConfigError, match=re.escape(f"'{key}'")):
         configuration.load(write(tmp_path, text))
+
+
+def test_a_number_that_yaml_reads_as_text_gets_a_hint(tmp_path):
+    with pytest.raises(ConfigError, match=re.escape("found '1e1' (YAML reads a number like 1e3 as text")):
+        configuration.load(write(tmp_path, "batch: {decode_seconds: 1e1}\n"))
+    assert configuration.load(write(tmp_path, "batch: {decode_seconds: 1.0e+1}\n")).batch.decode_seconds == 10
 
 
 def test_a_negative_value_where_zero_is_allowed_says_so(tmp_path):
@@ -134,3 +145,28 @@ def test_done_on_another_filesystem_is_refused(tmp_path, tiny_checkpoint):
             check_service_paths(cfg)
     finally:
         done.rmdir()
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("results: results\n", r"'results' \(.*results\) is a folder"),
+        ("journal: results\n", r"'journal' \(.*results\) is a folder"),
+        ("journal: results/same.json\nresults: results/same.json\n", "are the same file"),
+    ],
+)
+def test_results_and_journal_must_be_two_files(tmp_path, tiny_checkpoint, text, message):
+    for name in ("inbox", "done", "failed", "results"):
+        (tmp_path / name).mkdir()
+    cfg = configuration.load(write(tmp_path, f"checkpoint: {tiny_checkpoint}\n{text}"))
+    with pytest.raises(ConfigError, match=message):
+        check_service_paths(cfg)
+
+
+def test_a_checkpoint_in_the_inbox_is_refused(tmp_path, tiny_checkpoint):
+    for name in ("inbox", "done", "failed", "results"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "inbox" / "model.pt").write_bytes(tiny_checkpoint.read_bytes())
+    cfg = configuration.load(write(tmp_path, "checkpoint: inbox/model.pt\n"))
+    with pytest.raises(ConfigError, match=r"'checkpoint' .* is inside the inbox"):
+        check_service_paths(cfg)

@@ -96,6 +96,14 @@ POSITIVE = (
     "reload.poll_seconds",
 )
 
+# Bounds past which a value cannot work: a decode process needs about 100 MB of its own before
+# it decodes anything, and thousands of processes or threads exhaust the machine, not speed it up.
+LIMITS = {
+    "batch.decode_processes": (1, 256),
+    "batch.torch_threads": (1, 256),
+    "batch.decode_memory_mb": (200, 1 << 20),
+}
+
 
 class ConfigError(ValueError):
     """A configuration problem; the message names the file and the key."""
@@ -136,7 +144,12 @@ def _merge(defaults: dict, given: dict, prefix: str, source: str) -> dict:
             continue
         expected = (int, float) if isinstance(default, float) else type(default)
         if (isinstance(value, bool) and expected is not bool) or not isinstance(value, expected):
-            raise ConfigError(f"{source}: '{name}' must be {type(default).__name__}, found {value!r}")
+            hint = ""
+            if isinstance(value, str) and isinstance(default, (int, float)) and _is_number(value):
+                hint = " (YAML reads a number like 1e3 as text: write 1000 or 1.0e+3)"
+            raise ConfigError(f"{source}: '{name}' must be {type(default).__name__}, found {value!r}{hint}")
+        if isinstance(value, str) and "\0" in value:
+            raise ConfigError(f"{source}: '{name}' holds a NUL character: {value!r}")
         if name in CHOICES and value not in CHOICES[name]:
             raise ConfigError(f"{source}: '{name}' must be one of {', '.join(CHOICES[name])}, found {value!r}")
         if isinstance(value, float) and not math.isfinite(value):
@@ -145,8 +158,18 @@ def _merge(defaults: dict, given: dict, prefix: str, source: str) -> dict:
             raise ConfigError(f"{source}: '{name}' must be positive, found {value!r}")
         if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
             raise ConfigError(f"{source}: '{name}' must not be negative, found {value!r}")
+        if name in LIMITS and not LIMITS[name][0] <= value <= LIMITS[name][1]:
+            raise ConfigError(f"{source}: '{name}' must be from {LIMITS[name][0]} to {LIMITS[name][1]}, found {value!r}")
         out[key] = value
     return out
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def load(path: str | Path | None = None) -> Config:
@@ -197,15 +220,21 @@ def check_service_paths(config: Config, inbox_may_be_missing: bool = False) -> N
         _check_writable_dir(config, key, getattr(config, key))
     for key in ("results", "journal"):
         _check_writable_dir(config, key, getattr(config, key).parent)
+        path = getattr(config, key)
+        if path.exists() and not path.is_file():
+            raise ConfigError(f"{config.source}: '{key}' ({path}) is a folder or another non-file; give a file's name")
+    if config.results == config.journal:
+        raise ConfigError(f"{config.source}: 'results' and 'journal' are the same file ({config.results}); give each its own")
     if "inbox" in keys and (problem := inbox_problem(config)):
         raise ConfigError(problem)
-    # Nothing the service writes may live in the inbox: files there are input, and whoever may write
+    # Nothing the service writes or loads may live in the inbox: files there are input, and whoever may write
     # into the inbox can rename a sub-folder of it and put a symlink to anywhere in its place.
     for key, path in [
         ("done", config.done),
         ("failed", config.failed),
         ("results", config.results.parent),
         ("journal", config.journal.parent),
+        ("checkpoint", config.checkpoint.resolve()),
     ]:
         if path.is_relative_to(config.inbox):
             raise ConfigError(
