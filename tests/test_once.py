@@ -205,3 +205,28 @@ def test_usage_and_config_errors_exit_2(tmp_path, tiny_checkpoint):
     for option in ("--output", "--details"):  # refused, not ignored while the service starts
         proc = run_cli(option, str(tmp_path / "r.json"))
         assert proc.returncode == 2 and f"{option} goes with --once" in proc.stderr
+
+
+def test_a_folder_that_cannot_be_read_exits_2(tmp_path, tiny_checkpoint, monkeypatch, capsys):
+    from watcher import __main__ as cli
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    monkeypatch.setattr(cli.os, "access", lambda path, mode: path != photos)  # as for a user without read permission
+    assert cli.main(["--once", str(photos), "--config", str(config_for(tmp_path, tiny_checkpoint))]) == 2
+    assert f"cannot read the folder {photos}" in capsys.readouterr().err
+
+
+def test_an_unexpected_error_is_logged_with_its_traceback(tmp_path, tiny_checkpoint, monkeypatch, capfd):
+    from watcher import __main__ as cli
+    from watcher import once
+
+    def fail(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(once, "classify_folder", fail)
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["--once", str(tmp_path), "--config", str(config_for(tmp_path, tiny_checkpoint))]) == 3
+    fatal = [json.loads(line) for line in capfd.readouterr().err.splitlines() if '"fatal"' in line]
+    assert fatal and fatal[0]["reason"] == "OSError: [Errno 28] No space left on device"
+    assert "Traceback" in fatal[0]["exception"] and "in fail" in fatal[0]["exception"]

@@ -89,6 +89,9 @@ def main(argv: list[str] | None = None) -> int:
         if not args.once.is_dir():
             print(f"error: {args.once} is not a folder", file=sys.stderr)
             return 2
+        if not os.access(args.once, os.R_OK | os.X_OK):
+            print(f"error: cannot read the folder {args.once} (permission denied)", file=sys.stderr)
+            return 2
         output = args.output or Path("process_results.json")
         for target in filter(None, (output, args.details)):
             if target.is_dir() or not os.access(target.parent, os.W_OK | os.X_OK):

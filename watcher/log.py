@@ -21,9 +21,12 @@ def setup(level: str = "info", fmt: str = "auto") -> None:
     """fmt: 'json', 'console' or 'auto' (console when stderr is a terminal)."""
     console = fmt == "console" or (fmt == "auto" and sys.stderr.isatty())
     renderer = structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty()) if console else structlog.processors.JSONRenderer()
+    # A JSON line carries the traceback as text in "exception"; the console renderer prints its own.
+    tracebacks = [] if console else [structlog.processors.format_exc_info]
     structlog.configure(
         processors=[
             structlog.processors.add_log_level,
+            *tracebacks,
             _readable_strings,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             renderer,
