@@ -26,6 +26,9 @@ from model.files import FileRefused, Identity, file_identity, read_regular_file
 
 # Refuse images with more pixels than this before decoding any of them (decompression bombs).
 MAX_PIXELS = 80_000_000
+# decode_picture checks MAX_PIXELS itself, right after opening, with the size in the reason;
+# Pillow's own check would refuse the largest ones first, as if they were damaged.
+Image.MAX_IMAGE_PIXELS = None
 # The only formats opened: Pillow would otherwise also run, say, Ghostscript on an EPS file
 # uploaded under a .jpg name. (JPEG includes MPO, the variant of many cameras.)
 FORMATS = ("JPEG", "PNG", "GIF", "BMP", "TIFF", "WEBP")

@@ -5,12 +5,16 @@ import io
 import os
 import random
 import socket
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from bench.harness import ServiceProcess, drop
+from model.decode import MAX_PIXELS, ImageError, decode_picture
 from tests.conftest import image_bytes
 
 
@@ -111,3 +115,12 @@ def test_hostile_corpus(tmp_path, tiny_checkpoint):
         assert svc.stop() == 0
     finally:
         svc.close()
+
+
+@pytest.mark.parametrize("side", [9_000, 14_000, 40_000])  # from 179 megapixels on, Pillow would refuse first
+def test_a_picture_over_the_pixel_limit_says_its_size_whatever_its_size(side):
+    header = png(Image.new("L", (1, 1)))
+    ihdr = struct.pack(">II", side, side) + header[24:29]  # width, height, then depth, colour, methods
+    data = header[:16] + ihdr + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr)) + header[33:]
+    with pytest.raises(ImageError, match=f"^{side}x{side} pixels is over the limit of {MAX_PIXELS}$"):
+        decode_picture(data, 640)
