@@ -38,6 +38,7 @@ FORMAT = "gender-watcher/2"
 # Largest checkpoint file, and largest total of compressed entries in it, taken (bytes).
 MAX_BYTES = 256 * 1024 * 1024
 MAX_COMPRESSED_BYTES = 1024 * 1024
+MIN_SIDE, MAX_SIDE = 8, 1024  # a plausible model input's height and width, in pixels
 REQUIRED_KEYS = ("format", "version", "arch", "arch_args", "input", "chip", "detector", "class_names", "state_dict", "meta")
 
 
@@ -238,8 +239,8 @@ def _checked(payload: object, precision: str) -> Checkpoint:
         raise CheckpointError(f"bad input spec {payload['input']!r}: {_first_line(exc)}") from None
     numbers = (*spec.mean, *spec.std)
     if not (
-        8 <= spec.height <= 1024
-        and 8 <= spec.width <= 1024
+        MIN_SIDE <= spec.height <= MAX_SIDE
+        and MIN_SIDE <= spec.width <= MAX_SIDE
         and len(spec.mean) == len(spec.std) == 3
         and all(math.isfinite(v) for v in numbers)
         and min(spec.std) > 0

@@ -137,6 +137,16 @@ def test_arguments_that_would_fail_after_training_are_refused_first(tmp_path, ca
         (["--limit", "-5"], "--limit"),
         (["--test-fraction", "-0.1"], "--test-fraction"),
         (["--val-fraction", "0.6", "--test-fraction", "0.4"], "together below 1"),
+        (["--lr", "-1"], "--lr must be a number above 0"),
+        (["--lr", "nan"], "--lr must be a number above 0"),
+        (["--weight-decay", "-1"], "--weight-decay must be a finite number of 0 or more"),
+        (["--source-exponent", "nan"], "--source-exponent must be a finite number"),
+        (["--widths", "0"], "at least 1"),
+        (["--stem-width", "-3"], "at least 1"),
+        (["--size", "8", "8"], "each side must be from 16 to 1024 for 4 stages"),
+        (["--size", "1032", "64"], "each side must be from 16 to 1024"),
+        (["--device", "bogus"], "--device bogus"),
+        (["--threads", "100000000000000000000"], "--threads must be at most 1024"),
     ]:
         with pytest.raises(SystemExit):
             parse_args(base + extra)
@@ -145,6 +155,10 @@ def test_arguments_that_would_fail_after_training_are_refused_first(tmp_path, ca
     with pytest.raises(SystemExit):
         parse_args(["--data", str(tmp_path), "--out", str(tmp_path / "afile" / "m.pt")])
     assert "not a writable folder" in capsys.readouterr().err
+    (tmp_path / "m-report").write_text("x")
+    with pytest.raises(SystemExit):
+        parse_args(base)
+    assert "its report folder" in capsys.readouterr().err
 
 
 def test_a_class_without_readable_images_stops_training(tmp_path, capsys):
@@ -290,6 +304,15 @@ def test_init_refuses_a_checkpoint_of_other_classes(start_from):
         initial_weights(start_from, TINY_ARCH)
 
 
+def test_init_refuses_weights_that_are_not_finite(start_from):
+    payload = torch.load(start_from, weights_only=True)
+    name = next(k for k, v in payload["state_dict"].items() if v.is_floating_point())
+    payload["state_dict"][name].view(-1)[0] = float("nan")
+    torch.save(payload, start_from)
+    with pytest.raises(ckpt.CheckpointError, match=f"not finite numbers: {name}"):
+        initial_weights(start_from, TINY_ARCH)
+
+
 def test_init_names_the_first_weight_that_does_not_fit(start_from):
     payload = torch.load(start_from, weights_only=True)
     name = next(iter(payload["state_dict"]))
@@ -352,6 +375,33 @@ def test_photos_needs_a_picture_to_measure(tmp_path, capsys):
     with pytest.raises(SystemExit):
         photos_main([str(tmp_path), "--pictures", "0"])
     assert "--pictures must be at least 1" in capsys.readouterr().err
+
+
+def test_photos_skip_and_list_a_file_that_cannot_be_read(tmp_path, start_from, capsys):
+    for name in ("female", "male"):
+        (tmp_path / "set" / name).mkdir(parents=True)
+        (tmp_path / "set" / name / "a.jpg").write_bytes(image_bytes())
+    (tmp_path / "set" / "female" / "broken.jpg").write_bytes(b"hello")
+    assert photos_main([str(tmp_path / "set"), "--checkpoint", str(start_from), "--pictures", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "unreadable, skipped: " in out and "broken.jpg" in out and "pictures without a face given one" in out
+    (tmp_path / "set" / "female" / "a.jpg").write_bytes(b"")
+    (tmp_path / "set" / "male" / "a.jpg").write_bytes(b"")
+    assert photos_main([str(tmp_path / "set"), "--checkpoint", str(start_from), "--pictures", "3"]) == 1
+    assert "no readable image to paste" in capsys.readouterr().err
+
+
+def test_evaluate_refuses_folders_of_one_name_and_a_folder_as_json(tmp_path, capsys):
+    for folder in ("a/lfw", "b/lfw"):
+        for name in ("female", "male"):
+            (tmp_path / folder / name).mkdir(parents=True)
+            (tmp_path / folder / name / "x.jpg").write_bytes(image_bytes())
+    with pytest.raises(SystemExit):
+        evaluate_main([str(tmp_path / "a/lfw"), str(tmp_path / "b/lfw")])
+    assert "these repeat one" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        evaluate_main([str(tmp_path / "a/lfw"), "--json", str(tmp_path)])
+    assert "it is a folder" in capsys.readouterr().err
 
 
 def test_pasted_faces_are_upright(tmp_path):

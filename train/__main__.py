@@ -128,6 +128,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.limit < 0:
         p.error("--limit must be 0 (all images) or more")
+    if args.threads > 1024:
+        p.error("--threads must be at most 1024")
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        p.error(f"--lr must be a number above 0, not {args.lr}")
+    for name, least in (("weight_decay", 0.0), ("augment", 0.0), ("source_exponent", -math.inf)):
+        value = getattr(args, name)
+        if not (math.isfinite(value) and value >= least):
+            at_least = " of 0 or more" if least == 0 else ""
+            p.error(f"--{name.replace('_', '-')} must be a finite number{at_least}, not {value}")
+    if min(args.stem_width, *args.widths) < 1:
+        p.error("--stem-width and --widths must each be at least 1")
+    # The stem halves the input and each stage after the first halves it again.
+    smallest = 2 ** len(args.widths)
+    if not all(max(smallest, ckpt.MIN_SIDE) <= side <= ckpt.MAX_SIDE for side in args.size):
+        p.error(f"--size: each side must be from {max(smallest, ckpt.MIN_SIDE)} to {ckpt.MAX_SIDE} for {len(args.widths)} stages")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as exc:
+        p.error(f"--device {args.device}: {exc}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: no CUDA device here")
     if not (args.val_fraction > 0 and args.test_fraction > 0 and args.val_fraction + args.test_fraction < 1):
         p.error("--val-fraction and --test-fraction must each be above 0, and together below 1")
     names = [folder.name for folder in args.dev]
@@ -141,6 +162,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"--dev {folder}: {exc}")
     if args.out.is_dir():
         p.error(f"--out {args.out} is a folder; give the checkpoint's file name")
+    report = report_folder(args.out)
+    if report.exists() and not report.is_dir():
+        p.error(f"--out {args.out}: its report folder {report} is a file")
     if args.init is not None:
         try:
             args.init_payload = initial_weights(args.init, {"stem_width": args.stem_width, "widths": list(args.widths)})
@@ -150,6 +174,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if out_folder is None or not out_folder.is_dir() or not os.access(out_folder, os.W_OK | os.X_OK):
         p.error(f"--out {args.out}: cannot create it ({out_folder} is not a writable folder)")
     return args
+
+
+def report_folder(out: Path) -> Path:
+    """Where the report of the checkpoint `out` goes: beside it, named after it."""
+    return out.with_name(out.stem + "-report")
 
 
 INIT_KEYS = ("version", "arch", "arch_args", "class_names", "state_dict")
@@ -174,6 +203,9 @@ def initial_weights(path: Path, arch_args: dict) -> dict:
         with torch.device("meta"):  # only the sizes, to compare
             expected = GenderNet(**arch_args, num_classes=len(CLASS_NAMES)).state_dict()
         ckpt.check_weights(payload["state_dict"], expected, GenderNet.__name__)
+        broken = [k for k, v in payload["state_dict"].items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        if broken:
+            raise ckpt.CheckpointError(f"weights that are not finite numbers: {', '.join(broken)}")
     except ckpt.CheckpointError as exc:
         raise ckpt.CheckpointError(f"checkpoint {path}: cannot start from it: {exc}") from None
     return {"version": str(payload["version"]), "state_dict": payload["state_dict"]}
@@ -404,7 +436,7 @@ def train(args: argparse.Namespace, argv: list[str]) -> int:
     meta["test_accuracy"] = {k: v["accuracy"] for k, v in test.items() if isinstance(v, dict)}
     meta["dev_accuracy"] = {k: v["accuracy"] for k, v in dev.items()}
     summary["version"] = ckpt.save(args.out, model, arch_args, spec, CLASS_NAMES, meta, chip, detector)
-    report = args.out.with_name(args.out.stem + "-report")
+    report = report_folder(args.out)
     write_report(report, summary, history, CLASS_NAMES)
     print(f"wrote {args.out} (version {summary['version']}) and {report}/ in {summary['wall_seconds'] / 60:.1f} min")
     return 0

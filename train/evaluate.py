@@ -87,8 +87,11 @@ def main(argv: list[str] | None = None) -> int:
         "(list and contact sheet; the sheets are kept out of git, as the data's terms may forbid sharing its pictures)",
     )
     args = p.parse_args(argv)
-    if args.json and not args.json.absolute().parent.is_dir():
-        p.error(f"--json {args.json}: its folder does not exist")
+    if args.json and (args.json.is_dir() or not args.json.absolute().parent.is_dir()):
+        p.error(f"--json {args.json}: it is a folder, or its folder does not exist")
+    names = [folder.resolve().name for folder in args.folders]
+    if len(set(names)) != len(names):
+        p.error(f"folders are reported by name, and these repeat one: {', '.join(map(str, args.folders))}")
     if args.report and ((args.report.exists() and not args.report.is_dir()) or not args.report.absolute().parent.is_dir()):
         p.error(f"--report {args.report}: it must be a folder, in one that exists")
     try:

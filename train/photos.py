@@ -2,8 +2,9 @@
 
 Pastes the labeled faces of each DIR (female/, male/) at 8-30 % of the width into generated
 1600x1200 backgrounds, one to three a picture, and classifies the pictures exactly as served.
-Reports the share of faces found, the accuracy on the found faces against the same faces given
-as crops, and how many generated pictures without a face were given one.
+Reports the share of faces found, the accuracy in the photos (a face not found counts as wrong)
+against the same faces given as crops, and how many generated pictures without a face were given
+one. Files that cannot be read are skipped and listed.
 """
 
 from __future__ import annotations
@@ -83,13 +84,23 @@ def measure(folder: Path, checkpoint: ckpt.Checkpoint, pool: DecodePool, picture
     rules = FaceRules()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        layouts, paths, used = [], [], 0
+        layouts, paths, used, unreadable = [], [], 0, {}
         for i in range(pictures):
             group = items[used : used + 1 + i % 3] or items[: 1 + i % 3]
             used += len(group)
-            img, boxes = compose([upright(p) for p, _ in group], rng)
+            shown = []
+            for item in group:
+                try:
+                    shown.append((item, upright(item[0])))
+                except (OSError, ValueError, Image.DecompressionBombError) as exc:  # as train.evaluate, skipped and listed
+                    unreadable[item[0]] = f"{item[0]}: {type(exc).__name__}: {exc}"
+            if not shown:
+                continue
+            img, boxes = compose([picture for _, picture in shown], rng)
             paths.append(_jpeg(img, work / f"photo{i:04d}.jpg"))
-            layouts.append(list(zip(group, boxes, strict=True)))
+            layouts.append([(item, box) for (item, _), box in zip(shown, boxes, strict=True)])
+        if not paths:
+            raise TrainingError(f"{folder}: no readable image to paste")
         empty = [_jpeg(background((1600, 1200), rng), work / f"empty{i:04d}.jpg") for i in range(pictures)]
 
         def classify(files: list[Path], batch_size: int) -> list[Outcome]:
@@ -110,11 +121,13 @@ def measure(folder: Path, checkpoint: ckpt.Checkpoint, pool: DecodePool, picture
                 found += 1
                 right_in_photo += centre[0].prediction.label == checkpoint.class_names[label]
     return {
-        "pictures": pictures,
+        "pictures": len(paths),
+        "unreadable": list(unreadable.values()),
         "faces": faces,
         "found": found / faces,
         "accuracy_in_photos": right_in_photo / faces,
         "accuracy_as_crops": right_as_crop / faces,
+        "empty_pictures": len(empty),
         "empty_pictures_given_a_face": given_a_face / len(empty),
     }
 
@@ -125,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__.splitlines()[0],
         formatter_class=DefaultsHelp,
         epilog="example: python -m train.photos ../shared/data/other/portraits --pictures 200\n"
-        "exit status: 0 done, 2 usage or checkpoint error",
+        "exit status: 0 done; 1 a folder without a readable image; 2 usage or checkpoint error",
     )
     p.add_argument("folders", nargs="+", type=Path, help="labeled folders (female/, male/) whose faces are pasted")
     p.add_argument("--checkpoint", type=Path, default=model.DEFAULT_CHECKPOINT, help="checkpoint to measure")
@@ -146,11 +159,17 @@ def main(argv: list[str] | None = None) -> int:
             p.error(str(exc))
     with DecodePool(usable_cpus()) as pool:
         for folder in args.folders:
-            r = measure(folder, checkpoint, pool, args.pictures, args.seed)
+            try:
+                r = measure(folder, checkpoint, pool, args.pictures, args.seed)
+            except TrainingError as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                return 1
+            for line in r["unreadable"]:
+                print(f"  unreadable, skipped: {line}")
             print(
                 f"{folder}: {r['faces']} faces in {r['pictures']} pictures: found {r['found']:.1%}, "
                 f"right {r['accuracy_in_photos']:.1%} in the photos against {r['accuracy_as_crops']:.1%} as crops; "
-                f"{r['empty_pictures_given_a_face']:.1%} of {r['pictures']} pictures without a face given one"
+                f"{r['empty_pictures_given_a_face']:.1%} of {r['empty_pictures']} pictures without a face given one"
             )
     return 0
 
