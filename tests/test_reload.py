@@ -11,7 +11,7 @@ import torch
 from model import checkpoint as ckpt
 from tests.conftest import make_tiny_checkpoint
 from watcher import log, reload
-from watcher.reload import Reloader, load_checked
+from watcher.reload import Reloader, load_checked, signature
 
 
 def collect(reloader, timeout=10.0):
@@ -37,6 +37,19 @@ def test_change_during_a_load_is_loaded_next(tmp_path):
     assert reloader.poll()  # held still since the last look: load it
     assert collect(reloader).version == second
     assert not reloader.changing
+
+
+def test_a_file_replaced_between_the_load_and_the_reloader_is_loaded(tmp_path):
+    path = tmp_path / "model.pt"
+    first = make_tiny_checkpoint(path, seed=1)
+    before = signature(path)  # as the service takes it, before loading
+    serving = ckpt.load(path)
+    make_tiny_checkpoint(tmp_path / "new.pt", seed=2)
+    os.rename(tmp_path / "new.pt", path)  # while the decode processes start, say
+    reloader = Reloader(path, "auto", serving, poll_seconds=30.0, loaded_signature=before)
+    assert serving.version == first and reloader.changing  # looked at again soon, not in 30 s
+    assert reloader.poll()
+    assert collect(reloader).version != first
 
 
 def test_damaged_file_is_refused_once_until_it_changes(tmp_path):

@@ -42,7 +42,8 @@ def _folder_identity(folder: Path) -> tuple[int, int] | None:
     return (info.st_dev, info.st_ino)
 
 
-def _signature(path: Path) -> tuple[int, int, int] | None:
+def signature(path: Path) -> tuple[int, int, int] | None:
+    """What tells one checkpoint file from its replacement: inode, size, modification time."""
     try:
         info = os.stat(path)
     except OSError:
@@ -58,13 +59,16 @@ class Reloader:
         serving: ckpt.Checkpoint,
         wake: Callable[[], None] = lambda: None,
         poll_seconds: float = 5.0,
+        loaded_signature: tuple[int, int, int] | None = None,
     ) -> None:
+        """`loaded_signature`: the file's signature taken before `serving` was read from it, so that
+        a file replaced while the service started is loaded too; by default, the file's now."""
         self.path, self.precision, self.wake = path, precision, wake
         self.serving = serving
         self.poll_seconds = poll_seconds
         self._next_look = time.monotonic() + poll_seconds
-        self._loaded_signature = _signature(path)
-        self._last_seen = self._loaded_signature
+        self._last_seen = signature(path)
+        self._loaded_signature = loaded_signature or self._last_seen
         self._thread: threading.Thread | None = None
         self._result: ckpt.Checkpoint | Exception | None = None
         self._watch: FolderWatch | None = None
@@ -144,7 +148,7 @@ class Reloader:
         if self._watching and _folder_identity(self.path.parent) != self._watched_folder:
             self.stop_watching()
             self.start_watching()
-        seen = _signature(self.path)
+        seen = signature(self.path)
         stable, self._last_seen = seen == self._last_seen, seen
         if self._thread is not None or seen is None:
             return False

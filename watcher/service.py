@@ -29,7 +29,7 @@ from watcher import log, pipeline, startup
 from watcher.config import Config, inbox_problem
 from watcher.intake import Intake
 from watcher.notify import notify, watchdog_interval
-from watcher.reload import Reloader
+from watcher.reload import Reloader, signature
 
 # After SIGTERM the batch in hand may take this many seconds more to decode; then it is left in
 # the inbox for the next start, so that the service always exits well within systemd's 30 s.
@@ -94,6 +94,7 @@ class Service:
         # The watchdog is pinged from the loop, and also while a slow batch decodes (huge PNGs),
         # as long as the decode processes make progress.
         beats = {"heartbeat": lambda: notify("WATCHDOG=1"), "heartbeat_seconds": ping_every} if ping_every else {}
+        checkpoint_signature = signature(config.checkpoint)  # before loading: a file replaced meanwhile is new
         with (
             startup.serving(config, inbox_may_be_missing=True) as (model, store),
             pipeline.decode_pool(config, cancelled=self._stop_overdue, **beats) as pool,
@@ -102,7 +103,14 @@ class Service:
             problem = functools.partial(inbox_problem, config)
             intake = Intake(config.inbox, *timing, watch=config.intake.watch, wake=self.waker.wake, problem=problem)
             intake.rescan()
-            reloader = Reloader(config.checkpoint, config.batch.precision, model, self.waker.wake, config.reload.poll_seconds)
+            reloader = Reloader(
+                config.checkpoint,
+                config.batch.precision,
+                model,
+                self.waker.wake,
+                config.reload.poll_seconds,
+                loaded_signature=checkpoint_signature,
+            )
             reloader.start_watching()
             self.log.info(
                 "start",
