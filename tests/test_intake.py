@@ -98,6 +98,22 @@ def test_name_in_pipeline_is_looked_at_after_release(tmp_path):
     assert intake.take() == [path]
 
 
+def test_a_file_left_in_the_inbox_after_its_batch_is_taken_again_once_settled(tmp_path):
+    intake = Intake(tmp_path, settle=1.0)
+    path, gone = tmp_path / "a.jpg", tmp_path / "b.jpg"
+    path.write_bytes(b"x")
+    gone.write_bytes(b"y")
+    intake.hint({"a.jpg": CLOSED, "b.jpg": CLOSED})
+    now = time.monotonic()
+    assert intake.take(now) == [path, gone]
+    os.chmod(path, 0o600)  # changed while classified, without an event: its answer is not kept
+    gone.unlink()  # moved out by the batch
+    intake.release([path, gone])
+    assert intake.take(now) == []  # settling first, as any file found by a listing
+    assert intake.take(now + 1.5) == [path]
+    assert not intake.waiting()
+
+
 def test_inotify_events_wake_and_hint(tmp_path):
     woken = []
     intake = Intake(tmp_path, settle=5, watch=True, wake=lambda: woken.append(1))

@@ -207,8 +207,15 @@ class Intake:
             return False
 
     def release(self, paths: list[Path]) -> None:
-        """The pipeline is done with these (moved out); their names may be taken again."""
-        self._taken.difference_update(p.name for p in paths)
+        """The pipeline is done with these; their names may be taken again. Each is looked at once
+        more: one still in the inbox was changed while it was classified (rewritten, or only
+        touched or chmod-ed, which sends no event), and its answer was not kept."""
+        names = {p.name for p in paths}
+        self._taken -= names
+        with self._lock:
+            for name in names:
+                self._hints.setdefault(name, CHANGED)
+        self.wake()
 
     def waiting(self) -> bool:
         """Whether some candidates need another look."""
