@@ -153,9 +153,10 @@ def test_done_on_another_filesystem_is_refused(tmp_path, tiny_checkpoint):
         ("results: results\n", r"'results' \(.*results\) is a folder"),
         ("journal: results\n", r"'journal' \(.*results\) is a folder"),
         ("journal: results/same.json\nresults: results/same.json\n", "are the same file"),
+        ("failed: done\n", "'done' and 'failed' are the same folder"),
     ],
 )
-def test_results_and_journal_must_be_two_files(tmp_path, tiny_checkpoint, text, message):
+def test_each_output_is_its_own_and_of_its_kind(tmp_path, tiny_checkpoint, text, message):
     for name in ("inbox", "done", "failed", "results"):
         (tmp_path / name).mkdir()
     cfg = configuration.load(write(tmp_path, f"checkpoint: {tiny_checkpoint}\n{text}"))

@@ -114,6 +114,16 @@ def test_move_pass_takes_a_name_that_is_not_utf8(tmp_path, tiny_checkpoint):
     assert [strictly_valid(line.encode()) for line in proc.stderr.splitlines() if line.startswith("{")]
 
 
+def test_two_names_that_read_the_same_keep_two_answers(tmp_path, tiny_checkpoint):
+    config = write_config(tmp_path, tiny_checkpoint, intake={"settle_seconds": 0.0})
+    (tmp_path / "inbox" / "a\\xff.jpg").write_bytes(image_bytes())  # a backslash, x, f, f
+    (tmp_path / "inbox" / os.fsdecode(b"a\xff.jpg")).write_bytes(image_bytes((50, 40)))  # the byte 0xff
+    proc = run_cli("--config", str(config), "--once", str(tmp_path / "inbox"), "--move")
+    assert proc.returncode == 0, proc.stderr
+    text = (tmp_path / "results" / "process_results.json").read_text()
+    assert sorted(json.loads(text)) == ["a\\xff.jpg", "a\\xff__2.jpg"] and text.count('": "') == 2
+
+
 def test_move_pass_keeps_an_uploaders_symlink_from_reaching_the_journal(tmp_path, tiny_checkpoint):
     """The lock file lives beside the journal: a planted `.gender-watcher.lock` in the inbox (where
     earlier versions kept it) pointing at the journal is an ordinary hidden name, opened by nobody."""

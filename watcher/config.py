@@ -223,6 +223,8 @@ def check_service_paths(config: Config, inbox_may_be_missing: bool = False) -> N
         path = getattr(config, key)
         if path.exists() and not path.is_file():
             raise ConfigError(f"{config.source}: '{key}' ({path}) is a folder or another non-file; give a file's name")
+    if config.done == config.failed:
+        raise ConfigError(f"{config.source}: 'done' and 'failed' are the same folder ({config.done}); give each its own")
     if config.results == config.journal:
         raise ConfigError(f"{config.source}: 'results' and 'journal' are the same file ({config.results}); give each its own")
     if "inbox" in keys and (problem := inbox_problem(config)):

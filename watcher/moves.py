@@ -9,6 +9,8 @@ import random
 from collections.abc import Container
 from pathlib import Path
 
+from model.files import readable_name
+
 NAME_MAX = 255
 COUNTED = 100  # repeats of one name numbered __2 ... __100; after that, numbers at random
 AT_FDCWD, RENAME_NOREPLACE = -100, 1  # <fcntl.h>, <linux/fs.h>
@@ -16,14 +18,15 @@ _renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)  # gl
 
 
 def unique_name(folder: Path, name: str, taken: Container[str] = ()) -> str:
-    """`name` if free in `folder` (and not in `taken`), else `stem__2.ext`, `stem__3.ext`, ...,
-    the stem shortened where the name would pass NAME_MAX bytes (an extension too long to keep
-    counts as part of the stem)."""
+    """`name` if free in `folder` (and its readable form, model.files.readable_name, not in
+    `taken`: two names that read the same would be one key of the results), else `stem__2.ext`,
+    `stem__3.ext`, ..., the stem shortened where the name would pass NAME_MAX bytes (an extension
+    too long to keep counts as part of the stem)."""
     stem, dot, suffix = name.rpartition(".")
     if not stem or len(os.fsencode(dot + suffix)) > NAME_MAX // 2:
         stem, dot, suffix = name, "", ""
     candidate, n = name, 1
-    while candidate in taken or os.path.lexists(folder / candidate):
+    while readable_name(candidate) in taken or os.path.lexists(folder / candidate):
         # Counting up, then at random: a name sent thousands of times must not cost thousands of lookups.
         n = n + 1 if n < COUNTED else random.randrange(COUNTED, 10**9)
         tail, cut = f"__{n}{dot}{suffix}", stem

@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from model.checkpoint import Checkpoint
-from model.files import Identity, file_identity, fsync_dir
+from model.files import Identity, file_identity, fsync_dir, readable_name
 from model.inference import finish_batch, start_batch
 from model.pool import DecodePool, PendingDecode
 from watcher import log
@@ -58,7 +58,7 @@ class Pipeline:
         started = time.monotonic()
         outcomes = finish_batch(pending, checkpoint, self.pool)
         now = datetime.now(UTC).isoformat(timespec="milliseconds")
-        taken = {self.config.done: set(self.store.current), self.config.failed: set()}
+        taken = {self.config.done: {readable_name(key) for key in self.store.current}, self.config.failed: set()}
         records, identities = [], []
         for outcome in outcomes:
             now_there = file_identity(outcome.path)
@@ -72,7 +72,7 @@ class Pipeline:
                 continue
             folder = self.config.done if outcome.prediction else self.config.failed
             name = unique_name(folder, outcome.path.name, taken[folder])
-            taken[folder].add(name)
+            taken[folder].add(readable_name(name))
             record = {
                 "key": name,
                 "status": "done" if outcome.prediction else "failed",
