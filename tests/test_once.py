@@ -1,9 +1,12 @@
 """`python -m watcher --once DIR`: output format, exit codes, and DIR left untouched."""
 
 import fcntl
+import importlib.metadata
 import json
 import os
 import random
+import subprocess
+import sys
 import time
 
 import pytest
@@ -240,3 +243,22 @@ def test_an_unexpected_error_is_logged_with_its_traceback(tmp_path, tiny_checkpo
     fatal = [json.loads(line) for line in capfd.readouterr().err.splitlines() if '"fatal"' in line]
     assert fatal and fatal[0]["reason"] == "OSError: [Errno 28] No space left on device"
     assert "Traceback" in fatal[0]["exception"] and "in fail" in fatal[0]["exception"]
+
+
+def installed() -> bool:
+    try:
+        importlib.metadata.distribution("gender-watcher")
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not installed(), reason="gender-watcher is not installed here (make installs it)")
+def test_python_m_watcher_works_from_a_folder_holding_a_model_folder(tmp_path):
+    for name in ("model", "train", "watcher", "photos"):
+        (tmp_path / name).mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # as a user runs it: the installed package
+    proc = subprocess.run(
+        [sys.executable, "-m", "watcher", "--once", "photos"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
