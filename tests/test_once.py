@@ -8,6 +8,7 @@ import random
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -125,6 +126,8 @@ def test_two_names_that_read_the_same_keep_two_answers(tmp_path, tiny_checkpoint
     assert proc.returncode == 0, proc.stderr
     text = (tmp_path / "results" / "process_results.json").read_text()
     assert sorted(json.loads(text)) == ["a\\xff.jpg", "a\\xff__2.jpg"] and text.count('": "') == 2
+    answered = [json.loads(line) for line in proc.stderr.splitlines() if '"answered"' in line]
+    assert sorted(Path(e["moved_to"]).name for e in answered) == sorted(json.loads(text))  # the log names the key
 
 
 def test_move_pass_keeps_an_uploaders_symlink_from_reaching_the_journal(tmp_path, tiny_checkpoint):

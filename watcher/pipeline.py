@@ -91,6 +91,7 @@ class Pipeline:
                     label=outcome.prediction.label,
                     probability=outcome.prediction.probability,
                     faces=len(outcome.faces),
+                    moved_to=record["dest"],
                 )
             else:
                 record["reason"] = outcome.error
