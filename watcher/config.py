@@ -229,8 +229,8 @@ def check_service_paths(config: Config, inbox_may_be_missing: bool = False) -> N
         raise ConfigError(f"{config.source}: 'results' and 'journal' are the same file ({config.results}); give each its own")
     if "inbox" in keys and (problem := inbox_problem(config)):
         raise ConfigError(problem)
-    # Nothing the service writes or loads may live in the inbox: files there are input, and whoever may write
-    # into the inbox can rename a sub-folder of it and put a symlink to anywhere in its place.
+    # Nothing the service writes or loads may live in the inbox: files there are input, and whoever
+    # may write into the inbox can rename a sub-folder of it and put a symlink to anywhere in its place.
     for key, path in [
         ("done", config.done),
         ("failed", config.failed),
