@@ -225,6 +225,11 @@ def _detector(spec: DetectorSpec) -> cv2.FaceDetectorYN:
     return cv2.FaceDetectorYN.create(str(DETECTOR_FILE), "", size, spec.weak_threshold, 1.0, spec.top_k)
 
 
+# YuNet's coarsest feature map has a stride of 32; on a shorter input it returns rows of stale
+# memory (scores near 1, boxes of inf or 1e13), so no input side is shorter than this.
+MIN_INPUT_SIDE = 64
+
+
 def _run_pass(rgb: np.ndarray, side: int, pad: float, spec: DetectorSpec) -> np.ndarray:
     """Detections (N, 15: box, 5 landmarks, score) in `rgb`'s pixels, from the picture scaled so
     that, once padded by `pad` of its longer side in spec.pad_colour, its longer side is `side`."""
@@ -233,7 +238,11 @@ def _run_pass(rgb: np.ndarray, side: int, pad: float, spec: DetectorSpec) -> np.
     size = (max(1, round(width * scale)), max(1, round(height * scale)))
     small = cv2.resize(rgb, size, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
     border = round(pad * max(size))
-    padded = cv2.copyMakeBorder(small, border, border, border, border, cv2.BORDER_CONSTANT, value=spec.pad_colour)
+    # An input side under MIN_INPUT_SIDE (a banner's) is filled out below and to the right.
+    extra_height, extra_width = (max(0, MIN_INPUT_SIDE - (n + 2 * border)) for n in (size[1], size[0]))
+    padded = cv2.copyMakeBorder(
+        small, border, border + extra_height, border, border + extra_width, cv2.BORDER_CONSTANT, value=spec.pad_colour
+    )
     detector = _detector(spec)
     detector.setInputSize((padded.shape[1], padded.shape[0]))
     # YuNet takes BGR; cvtColor, as numpy's strided copy cost 6 % of a crop's decode
@@ -241,6 +250,17 @@ def _run_pass(rgb: np.ndarray, side: int, pad: float, spec: DetectorSpec) -> np.
     if found is None:
         return np.empty((0, 15), np.float32)
     found = found.astype(np.float32)
+    centre_x, centre_y = found[:, 0] + found[:, 2] / 2, found[:, 1] + found[:, 3] / 2
+    sane = (
+        np.isfinite(found).all(axis=1)
+        & (found[:, 2] > 0)
+        & (found[:, 3] > 0)
+        & (centre_x >= 0)
+        & (centre_x <= padded.shape[1])
+        & (centre_y >= 0)
+        & (centre_y <= padded.shape[0])
+    )
+    found = found[sane]  # a face's box may reach past the input, never lie outside it
     found[:, [0, *range(4, 14, 2)]] -= border  # the box's left and the landmarks' x
     found[:, [1, *range(5, 14, 2)]] -= border  # the box's top and the landmarks' y
     found[:, :14] /= scale

@@ -275,3 +275,25 @@ def test_the_detector_spec_says_which_pictures_may_be_face_crops():
     assert np.array_equal(whole.chip, expected)
     not_a_crop = DetectorSpec(crop_side=399)
     assert find_faces(rgb, 1.0, SERVING.chip, not_a_crop, FaceRules()) == []
+
+
+@pytest.mark.parametrize(("width", "height"), [(5000, 1), (2000, 20), (1000, 30), (800, 40), (700, 20)])
+def test_a_banner_gets_no_face_and_no_impossible_box(width, height):
+    """YuNet on an input under 32 px high returns stale rows (scores near 1, boxes of inf)."""
+    rng = np.random.default_rng(0)
+    banner = (np.linspace(0, 255, width)[None, :, None] + rng.integers(0, 40, (height, width, 3))).clip(0, 255)
+    banner = banner.astype(np.uint8)
+    for _ in range(5):
+        detect(rng.integers(0, 256, (320, 320, 3), dtype=np.uint8), DetectorSpec())  # an ordinary pass first
+        found = detect(banner, DetectorSpec())
+        centre_x, centre_y = found[:, 0] + found[:, 2] / 2, found[:, 1] + found[:, 3] / 2
+        assert np.isfinite(found).all() and ((centre_x >= 0) & (centre_x <= width)).all(), found
+        assert ((centre_y >= 0) & (centre_y <= height)).all(), found
+        with pytest.raises(ImageError, match="no face found"):
+            decode_faces(png_bytes(Image.fromarray(banner)), SERVING)
+
+
+def png_bytes(img: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    img.save(buffer, "PNG")
+    return buffer.getvalue()
