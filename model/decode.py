@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import io
 import math
+import struct
 from pathlib import Path
 from typing import NamedTuple
 
@@ -33,8 +34,8 @@ Image.MAX_IMAGE_PIXELS = None
 # uploaded under a .jpg name. (JPEG includes MPO, the variant of many cameras.)
 FORMATS = ("JPEG", "PNG", "GIF", "BMP", "TIFF", "WEBP")
 DRAFT_FORMATS = ("JPEG", "MPO")  # decoded at reduced scale by draft(), not shrunk afterwards
-# Modes that Image.reduce works on directly; others are converted to RGB first.
-REDUCIBLE_MODES = ("L", "LA", "RGB", "RGBA")
+# Modes that Image.reduce works on directly; 16-bit greyscale becomes 32-bit first (I), others RGB.
+REDUCIBLE_MODES = ("L", "LA", "RGB", "RGBA", "I", "F")
 # Transparent pixels are composited onto this colour.
 BACKGROUND = (255, 255, 255)
 
@@ -67,6 +68,15 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB") if img.mode != "RGB" else img
 
 
+def exif_upright(img: Image.Image) -> Image.Image:
+    """Turned as its EXIF orientation says; as it is where the EXIF block cannot be read (Pillow
+    raises on a damaged one in a PNG or WebP, whose pixels are fine)."""
+    try:
+        return ImageOps.exif_transpose(img)
+    except (SyntaxError, ValueError, OSError, struct.error, KeyError, TypeError):
+        return img
+
+
 def decode_picture(data: bytes, longest_side: int) -> tuple[np.ndarray, float]:
     """Decode image bytes into a uint8 RGB array, upright (EXIF), and the scale it was decoded at:
     a JPEG larger than needed is decoded at 1/2, 1/4 or 1/8 of its size, but its longer side no
@@ -79,15 +89,19 @@ def decode_picture(data: bytes, longest_side: int) -> tuple[np.ndarray, float]:
         with Image.open(io.BytesIO(data), formats=FORMATS) as img:
             if img.width * img.height > MAX_PIXELS:
                 raise ImageError(f"{img.width}x{img.height} pixels is over the limit of {MAX_PIXELS}")
-            full_width = img.width
-            reduce = longest_side / max(img.width, img.height)
+            full_side = max(img.size)
+            reduce = longest_side / full_side
             if reduce < 1:  # draft keeps both sides at least the requested ones: ask in the picture's own shape
                 img.draft("RGB", (math.ceil(img.width * reduce), math.ceil(img.height * reduce)))
             img.load()
             if img.format not in DRAFT_FORMATS and (factor := max(img.size) // longest_side) >= 2:
+                if img.mode.startswith("I;16"):
+                    img = img.convert("I")
                 img = (img if img.mode in REDUCIBLE_MODES else _to_rgb(img)).reduce(factor)
-            scale = img.width / full_width
-            img = ImageOps.exif_transpose(img)
+            # Of the longer side: draft and reduce round each side up, which on the short side of a
+            # narrow picture is a large share of it.
+            scale = max(img.size) / full_side
+            img = exif_upright(img)
             return np.array(_to_rgb(img), dtype=np.uint8), scale  # a writable copy
     except (ImageError, MemoryError):  # MemoryError: the worker's limit, reported as such
         raise

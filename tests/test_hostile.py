@@ -124,3 +124,27 @@ def test_a_picture_over_the_pixel_limit_says_its_size_whatever_its_size(side):
     data = header[:16] + ihdr + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr)) + header[33:]
     with pytest.raises(ImageError, match=f"^{side}x{side} pixels is over the limit of {MAX_PIXELS}$"):
         decode_picture(data, 640)
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "WEBP"])
+def test_a_damaged_exif_block_leaves_the_picture_readable(fmt):
+    buffer = io.BytesIO()
+    Image.new("RGB", (60, 40), (200, 100, 50)).save(buffer, fmt, exif=b"Exif\x00\x00" + b"\x00" * 32)
+    rgb, scale = decode_picture(buffer.getvalue(), 640)
+    assert rgb.shape == (40, 60, 3) and scale == 1.0  # as it is, not turned
+
+
+@pytest.mark.parametrize(("fmt", "expected"), [("PNG", 640 / 6400), ("JPEG", 1 / 8)])
+def test_a_narrow_picture_is_scaled_by_its_longer_side(fmt, expected):
+    buffer = io.BytesIO()
+    Image.new("RGB", (201, 6400), (90, 120, 150)).save(buffer, fmt)
+    rgb, scale = decode_picture(buffer.getvalue(), 640)
+    assert scale == pytest.approx(expected) and rgb.shape[0] == round(6400 * expected)
+
+
+def test_a_16_bit_picture_is_reduced_before_it_is_converted():
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((1600, 2000), 40000, dtype=np.uint16)).save(buffer, "PNG")
+    assert Image.open(io.BytesIO(buffer.getvalue())).mode == "I;16"
+    rgb, scale = decode_picture(buffer.getvalue(), 640)
+    assert rgb.shape == (534, 667, 3) and scale == pytest.approx(667 / 2000) and (rgb == 255).all()

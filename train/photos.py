@@ -17,10 +17,11 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFilter, ImageOps
+from PIL import Image, ImageDraw, ImageFilter
 
 import model
 from model import checkpoint as ckpt
+from model.decode import exif_upright
 from model.faces import FaceRules
 from model.inference import Outcome, classify_in_batches
 from model.pool import DecodePool, usable_cpus
@@ -63,7 +64,7 @@ def upright(path: Path) -> Image.Image:
     """The picture at `path` as it is shown (EXIF orientation applied, as serving decodes it), read
     in full so that the file is closed."""
     with Image.open(path) as img:
-        return ImageOps.exif_transpose(img).convert("RGB")
+        return exif_upright(img).convert("RGB")
 
 
 def _jpeg(img: Image.Image, path: Path) -> Path:
