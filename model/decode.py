@@ -139,3 +139,7 @@ def decode_file(path: Path, prep: Preprocessing, max_bytes: int = DEFAULT_MAX_BY
         return Decoded(decode_faces(data, prep), None, digest, identity)
     except ImageError as exc:
         return Decoded(None, str(exc), digest, identity)
+    except MemoryError:  # the worker's limit: the pool says so
+        raise
+    except Exception as exc:  # a fault while finding faces (OpenCV, a shape no rule foresaw): this file alone fails
+        return Decoded(None, f"faces could not be looked for: {type(exc).__name__}: {exc}", digest, identity)

@@ -8,7 +8,7 @@ import struct
 import time
 
 import pytest
-from PIL import Image, ImageOps
+from PIL import Image
 
 from bench.harness import write_config
 from model import checkpoint as ckpt
@@ -117,21 +117,29 @@ def test_an_entry_swapped_in_that_cannot_be_moved_does_not_stop_the_batch(stage,
 
 
 def test_any_exception_while_decoding_fails_only_that_file(tmp_path, monkeypatch):
-    broken, good = tmp_path / "broken.jpg", tmp_path / "good.jpg"
-    broken.write_bytes(image_bytes(colour=(1, 2, 3)))
+    unreadable, faulty, good = tmp_path / "unreadable.jpg", tmp_path / "faulty.jpg", tmp_path / "good.jpg"
+    unreadable.write_bytes(image_bytes(colour=(1, 2, 3)))
+    faulty.write_bytes(image_bytes((45, 50)))
     good.write_bytes(image_bytes())
-    real = ImageOps.exif_transpose
+    real_rgb, real_find = decode._to_rgb, decode.find_faces
 
-    def damaged_exif(img, **kwargs):  # what Pillow did with a real file whose Exif block is damaged
+    def damaged(img):  # what Pillow did with a real file whose Exif block is damaged
         if img.getpixel((0, 0))[0] < 10:
             raise struct.error("required argument is not an integer")
-        return real(img, **kwargs)
+        return real_rgb(img)
 
-    monkeypatch.setattr(decode.ImageOps, "exif_transpose", damaged_exif)
-    results = [decode_file(p, tiny_preprocessing()) for p in (broken, good)]
-    assert results[0].faces is None and "struct.error" in results[0].error
-    assert results[0].sha256 == hashlib.sha256(broken.read_bytes()).hexdigest()
-    assert results[1].faces and results[1].error is None
+    def fault(rgb, *args):  # a fault while looking for faces
+        if rgb.shape[1] == 45:
+            raise ZeroDivisionError("division by zero")
+        return real_find(rgb, *args)
+
+    monkeypatch.setattr(decode, "_to_rgb", damaged)
+    monkeypatch.setattr(decode, "find_faces", fault)
+    results = [decode_file(p, tiny_preprocessing()) for p in (unreadable, faulty, good)]
+    assert results[0].faces is None and "not a readable image: struct.error" in results[0].error
+    assert results[0].sha256 == hashlib.sha256(unreadable.read_bytes()).hexdigest()
+    assert results[1].faces is None and results[1].error == "faces could not be looked for: ZeroDivisionError: division by zero"
+    assert results[2].faces and results[2].error is None
 
 
 def test_the_pool_calls_its_heartbeat_while_a_slow_batch_decodes(tmp_path):
