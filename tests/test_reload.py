@@ -52,6 +52,27 @@ def test_a_file_replaced_between_the_load_and_the_reloader_is_loaded(tmp_path):
     assert collect(reloader).version != first
 
 
+def test_a_file_refused_as_unreadable_is_tried_again_once_chmod_makes_it_readable(tmp_path, monkeypatch):
+    path = tmp_path / "model.pt"
+    make_tiny_checkpoint(path, seed=1)
+    reloader = Reloader(path, "auto", ckpt.load(path))
+    second = make_tiny_checkpoint(tmp_path / "new.pt", seed=2)
+    os.rename(tmp_path / "new.pt", path)
+
+    def unreadable(*args):  # as for a service user the file's mode shuts out (root reads anything)
+        raise ckpt.CheckpointError(f"checkpoint {path}: cannot open: Permission denied")
+
+    monkeypatch.setattr(reload, "load_checked", unreadable)
+    assert not reloader.poll() and reloader.poll()
+    assert isinstance(collect(reloader), ckpt.CheckpointError)
+    assert not reloader.poll()  # refused: not tried again while nothing changes
+    monkeypatch.undo()
+    time.sleep(0.02)  # past the file system's timestamp granularity
+    os.chmod(path, 0o644)
+    assert not reloader.poll() and reloader.poll()  # changed, then held still
+    assert collect(reloader).version == second
+
+
 def test_damaged_file_is_refused_once_until_it_changes(tmp_path):
     path = tmp_path / "model.pt"
     make_tiny_checkpoint(path, seed=1)

@@ -42,13 +42,14 @@ def _folder_identity(folder: Path) -> tuple[int, int] | None:
     return (info.st_dev, info.st_ino)
 
 
-def signature(path: Path) -> tuple[int, int, int] | None:
-    """What tells one checkpoint file from its replacement: inode, size, modification time."""
+def signature(path: Path) -> tuple[int, int, int, int] | None:
+    """What tells one checkpoint file from its replacement: inode, size, modification time, and
+    the change time, which chmod and chown set too (a refused file made readable is tried again)."""
     try:
         info = os.stat(path)
     except OSError:
         return None
-    return (info.st_ino, info.st_size, info.st_mtime_ns)
+    return (info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
 
 
 class Reloader:
@@ -59,7 +60,7 @@ class Reloader:
         serving: ckpt.Checkpoint,
         wake: Callable[[], None] = lambda: None,
         poll_seconds: float = 5.0,
-        loaded_signature: tuple[int, int, int] | None = None,
+        loaded_signature: tuple[int, int, int, int] | None = None,
     ) -> None:
         """`loaded_signature`: the file's signature taken before `serving` was read from it, so that
         a file replaced while the service started is loaded too; by default, the file's now."""
