@@ -8,11 +8,11 @@ NEW_ENOUGH := -c 'import sys; sys.exit(sys.version_info < (3, 11))'
 
 .PHONY: run test lint format soak once folders
 
+# The editable install in compat mode puts the checkout itself on sys.path, so that `python -m
+# watcher` run from a folder that holds a model/ or train/ folder of its own still imports this one.
 $(STAMP): pyproject.toml Makefile
 	@$(PY) $(NEW_ENOUGH) 2>/dev/null || { test -n "$(PYTHON)" || { echo "gender-watcher needs Python 3.11 or newer, and no python3 was found. Run: make PYTHON=/path/to/python3.11 ..."; exit 1; }; rm -rf $(VENV) && $(PYTHON) -m venv $(VENV); }
 	@$(PY) $(NEW_ENOUGH) || { echo "gender-watcher needs Python 3.11 or newer; found $$($(PY) -V). Run: make PYTHON=/path/to/python3.11 ..."; rm -rf $(VENV); exit 1; }
-	# compat: the checkout itself goes on sys.path, so that `python -m watcher` run from a folder that
-	# holds a model/ or train/ folder of its own (a state directory, say) still imports this one
 	$(PY) -m pip install -q -e '.[dev,ray]' --config-settings editable_mode=compat
 	touch $(STAMP)
 
