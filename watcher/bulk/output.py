@@ -61,7 +61,11 @@ class OutputFolder:
         kind = self._kind(self.root)
         if kind == pafs.FileType.File:
             raise SourceError(f"{uri} is a file; the output is a folder")
-        self.exists = kind == pafs.FileType.Directory and self._holds_output()
+        # Listed once: parts and a summary of earlier runs are output; other entries (.DS_Store,
+        # lost+found) are not.
+        listed = self._entries(self.root) if kind == pafs.FileType.Directory else []
+        self._earlier = [f for f in listed if f.base_name == SUMMARY or f.base_name.startswith("part-")]
+        self.exists = bool(self._earlier)
         if self.exists and not resume:
             raise SourceError(
                 f"{uri} already holds output: pass --resume to add the files not in it yet, or choose another folder"
@@ -102,22 +106,12 @@ class OutputFolder:
         except OSError as exc:
             raise SourceError(f"{folder}: cannot list it: {exc}") from None
 
-    def _holds_output(self) -> bool:
-        """Parts or a summary of an earlier run; other entries (.DS_Store, lost+found) are not output."""
-        return any(f.base_name == SUMMARY or f.base_name.startswith("part-") for f in self._entries(self.root))
-
-    def _parts_in(self, folder: str) -> list[str]:
-        return sorted(
-            f.path for f in self._entries(folder) if f.base_name.startswith("part-") and f.base_name.endswith(f".{self.fmt}")
-        )
-
     def _read_summary(self) -> dict:
         """`_SUCCESS`; where there are parts and none (a run stopped while it moved its parts into
         OUT one object at a time), the parts' format and no earlier runs, so that `--resume` goes on
         from the parts that arrived."""
-        if self._kind(f"{self.root}/{SUMMARY}") == pafs.FileType.NotFound:
-            parts = [f.base_name for f in self._entries(self.root) if f.base_name.startswith("part-")]
-            return {"runs": [], "format": parts[0].rsplit(".", 1)[-1]}
+        if SUMMARY not in (names := [f.base_name for f in self._earlier]):
+            return {"runs": [], "format": names[0].rsplit(".", 1)[-1]}
         try:
             with self.fs.open_input_stream(f"{self.root}/{SUMMARY}") as stream:
                 return json.loads(stream.read())
@@ -127,7 +121,8 @@ class OutputFolder:
     def done_paths(self) -> set[str]:
         """The source paths that already have rows in OUT."""
         done: set[str] = set()
-        for part in self._parts_in(self.root) if self.exists else []:
+        parts = sorted(f.path for f in self._earlier if f.base_name.startswith("part-") and f.base_name.endswith(f".{self.fmt}"))
+        for part in parts:
             try:
                 if self.fmt == "parquet":
                     done.update(pq.read_table(part, columns=["path"], filesystem=self.fs).column("path").to_pylist())
