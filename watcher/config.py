@@ -84,10 +84,7 @@ CHOICES = {
 # Zero is allowed for the others where it means something (no settle wait, decode processes never stopped).
 POSITIVE = (
     "batch.max_size",
-    "batch.decode_processes",
     "batch.decode_seconds",
-    "batch.decode_memory_mb",
-    "batch.torch_threads",
     "intake.rescan_seconds",
     "intake.max_file_bytes",
     "faces.min_face_pixels",
@@ -96,8 +93,9 @@ POSITIVE = (
     "reload.poll_seconds",
 )
 
-# Bounds past which a value cannot work: a decode process needs about 100 MB of its own before
-# it decodes anything, and thousands of processes or threads exhaust the machine, not speed it up.
+# Ranges, the lower bound at least 1, past which a value cannot work: a decode process needs about
+# 100 MB of its own before it decodes anything, and thousands of processes or threads exhaust the
+# machine, not speed it up.
 LIMITS = {
     "batch.decode_processes": (1, 256),
     "batch.torch_threads": (1, 256),
