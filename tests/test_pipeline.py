@@ -8,6 +8,7 @@ import struct
 import time
 
 import pytest
+import structlog
 from PIL import Image
 
 from bench.harness import write_config
@@ -63,6 +64,26 @@ def test_a_file_deleted_before_its_move_does_not_stop_the_batch(stage):
     records = pipeline.Pipeline(config, pool, store).process([gone, kept], model)
     assert {r["key"] for r in records} == {"gone.jpg", "kept.jpg"}
     assert os.listdir(config.done) == ["kept.jpg"]
+
+
+def test_answers_are_logged_only_once_they_are_committed(stage):
+    config, model, store, pool = stage
+    log.setup("info", "json")
+    photo, blank = config.inbox / "photo.jpg", config.inbox / "blank.jpg"
+    photo.write_bytes(image_bytes())
+    blank.write_bytes(b"not an image")
+
+    def disk_full(_records):
+        raise OSError(28, "No space left on device")
+
+    store.commit, flow = disk_full, pipeline.Pipeline(config, pool, store)
+    with structlog.testing.capture_logs() as logs, pytest.raises(OSError):
+        flow.process([photo, blank], model)
+    assert [e["event"] for e in logs] == []  # nothing claims an answer the journal does not hold
+    del store.commit
+    with structlog.testing.capture_logs() as logs:
+        flow.process([photo, blank], model)
+    assert sorted((e["event"], e["file"]) for e in logs if "file" in e) == [("answered", "photo.jpg"), ("failed", "blank.jpg")]
 
 
 @pytest.mark.parametrize("intruder", ["folder", "symlink"])

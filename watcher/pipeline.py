@@ -85,20 +85,13 @@ class Pipeline:
             }
             if outcome.prediction:
                 record |= outcome.answer()
-                getattr(logger, self.config.logging.answers)(
-                    "answered",
-                    file=outcome.path.name,
-                    label=outcome.prediction.label,
-                    probability=outcome.prediction.probability,
-                    faces=len(outcome.faces),
-                    moved_to=record["dest"],
-                )
             else:
                 record["reason"] = outcome.error
-                logger.warning("failed", file=outcome.path.name, reason=outcome.error, moved_to=record["dest"])
             records.append(record)
             identities.append(outcome.identity)
         self.store.commit(records)
+        for record in records:  # after the commit: a line logged is an answer kept
+            _log_answer(record, self.config.logging.answers)
         for record, identity in zip(records, identities, strict=True):
             _move(Path(record["source"]), Path(record["dest"]), identity, record["key"])
         for folder in {self.config.done, self.config.failed}:
@@ -117,6 +110,21 @@ class Pipeline:
                 checkpoint=checkpoint.version,
             )
         return records
+
+
+def _log_answer(record: dict, level: str) -> None:
+    logger, file = log.get(), Path(record["source"]).name
+    if record["status"] == "done":
+        getattr(logger, level)(
+            "answered",
+            file=file,
+            label=record["label"],
+            probability=record["probability"],
+            faces=len(record["faces"]),
+            moved_to=record["dest"],
+        )
+    else:
+        logger.warning("failed", file=file, reason=record["reason"], moved_to=record["dest"])
 
 
 def _move(source: Path, dest: Path, identity: Identity | None, key: str) -> None:
