@@ -176,6 +176,20 @@ def test_an_empty_source_still_writes_the_schema(tmp_path, tiny_checkpoint, ray_
     assert summary.files == 0 and pq.read_table(part).schema.equals(SCHEMA, check_metadata=False)
 
 
+def test_a_file_whose_name_reads_as_another_files_fails_alone(tmp_path, tiny_checkpoint, ray_here):
+    """A name not in UTF-8 (a raw 0xff byte) reads as the literal name backslash-x-f-f: the rows
+    cannot tell the two apart, so the second fails with a reason and the run goes on."""
+    source = tmp_path / "src"
+    source.mkdir()
+    for name in (b"\xff.jpg", b"\\xff.jpg", b"plain.jpg"):
+        (source / os.fsdecode(name)).write_bytes(image_bytes())
+    config = answered_config(tmp_path, tiny_checkpoint)
+    summary = engine.run(engine.BulkRun(str(source), str(tmp_path / "out"), config, tiny_checkpoint))
+    assert (summary.files, summary.answered, summary.failed) == (3, 2, 1)
+    assert list(summary.failures.values()) == [1] and "reads the same" in next(iter(summary.failures))
+    assert sorted(r["path"] for r in read_rows(tmp_path / "out")) == ["\\xff.jpg", "plain.jpg"]
+
+
 def test_resume_classifies_only_the_files_not_in_the_output(tmp_path, tiny_checkpoint, ray_here):
     source, out = tmp_path / "src", tmp_path / "out"
     source.mkdir()

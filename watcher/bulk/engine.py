@@ -19,7 +19,7 @@ import signal
 import sys
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -104,10 +104,15 @@ def run(job: BulkRun) -> RunSummary:
     output = OutputFolder(job.output, job.fmt, job.resume)
     try:  # from here on a run that does not finish removes its staging folder
         done = output.done_paths()
-        todo = [p for p in list_files(source_fs, source_root) if readable_name(p) not in done]
+        todo, twins = _one_per_name(p for p in list_files(source_fs, source_root) if readable_name(p) not in done)
         summary = RunSummary(
             output.run, job.source, version, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), skipped=len(done)
         )
+        for twin in twins:
+            reason = "another file's name reads the same: rename one of them"
+            summary.files, summary.failed = summary.files + 1, summary.failed + 1
+            summary.failures[reason] = summary.failures.get(reason, 0) + 1
+            logger.warning("failed", file=readable_name(twin), reason=reason)
         if "ray" not in sys.modules or not sys.modules["ray"].is_initialized():
             start_ray(job.address, job.object_store_mb)  # first: it sets the environment Ray reads when imported
         import ray
@@ -122,8 +127,8 @@ def run(job: BulkRun) -> RunSummary:
             progress.advance(_count(rows, summary, logger))
             if not first_rows_at:
                 first_rows_at, first_files = time.monotonic(), summary.files
-        if summary.files != len(todo):
-            raise EngineError(f"{len(todo) - summary.files} of {len(todo)} files came back without rows")
+        if summary.files != len(todo) + len(twins):
+            raise EngineError(f"{len(todo) + len(twins) - summary.files} of {len(todo)} files came back without rows")
         now = time.monotonic()
         summary.wall_seconds = round(now - started, 2)
         if first_rows_at:
@@ -143,6 +148,20 @@ def run(job: BulkRun) -> RunSummary:
         output=job.output,
     )
     return summary
+
+
+def _one_per_name(paths: Iterable[str]) -> tuple[list[str], list[str]]:
+    """The paths whose readable form (the rows' `path`) is the first of its kind, and the others:
+    a name not in UTF-8 can read the same as another file's, and rows tell files apart by it."""
+    kept: dict[str, str] = {}
+    twins = []
+    for path in paths:
+        name = readable_name(path)
+        if name in kept:
+            twins.append(path)
+        else:
+            kept[name] = path
+    return list(kept.values()), twins
 
 
 def _classified(
