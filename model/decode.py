@@ -15,6 +15,7 @@ import hashlib
 import io
 import math
 import struct
+from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
@@ -132,9 +133,16 @@ class Decoded(NamedTuple):
 
 def decode_file(path: Path, prep: Preprocessing, max_bytes: int = DEFAULT_MAX_BYTES) -> Decoded:
     """Read, hash and decode one file; a failure is a reason, never an exception. Runs in a worker."""
-    identity, digest = file_identity(path), None
+    identity = file_identity(path)  # before the read: what was read is this entry's, or intake sees a change
+    return decode_read(lambda: read_image_bytes(path, max_bytes), prep, identity)
+
+
+def decode_read(read: Callable[[], bytes], prep: Preprocessing, identity: Identity | None = None) -> Decoded:
+    """Hash and decode the bytes `read` returns (it raises ImageError for a file it will not read);
+    a failure is a reason, never an exception. What decode_file does with a reader of any kind."""
+    digest = None
     try:
-        data = read_image_bytes(path, max_bytes)
+        data = read()
         digest = hashlib.sha256(data).hexdigest()
         return Decoded(decode_faces(data, prep), None, digest, identity)
     except ImageError as exc:

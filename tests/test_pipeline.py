@@ -137,7 +137,16 @@ def test_an_entry_swapped_in_that_cannot_be_moved_does_not_stop_the_batch(stage,
     assert os.listdir(config.done) == ["kept.jpg"] and photo.is_dir()
 
 
-def test_any_exception_while_decoding_fails_only_that_file(tmp_path, monkeypatch):
+def object_store_decode():
+    """What a bulk run's worker runs per file of an object store, here reading local files."""
+    fs = pytest.importorskip("pyarrow.fs", reason="bulk mode needs the ray extra: pip install -e '.[ray]'")
+    from watcher.bulk.sources import RemoteDecode
+
+    return RemoteDecode(fs.LocalFileSystem())
+
+
+@pytest.mark.parametrize("decoder", [lambda: decode_file, object_store_decode], ids=["local", "object_store"])
+def test_any_exception_while_decoding_fails_only_that_file(tmp_path, monkeypatch, decoder):
     unreadable, faulty, good = tmp_path / "unreadable.jpg", tmp_path / "faulty.jpg", tmp_path / "good.jpg"
     unreadable.write_bytes(image_bytes(colour=(1, 2, 3)))
     faulty.write_bytes(image_bytes((45, 50)))
@@ -156,7 +165,8 @@ def test_any_exception_while_decoding_fails_only_that_file(tmp_path, monkeypatch
 
     monkeypatch.setattr(decode, "_to_rgb", damaged)
     monkeypatch.setattr(decode, "find_faces", fault)
-    results = [decode_file(p, tiny_preprocessing()) for p in (unreadable, faulty, good)]
+    decode_one = decoder()
+    results = [decode_one(p, tiny_preprocessing(), 10**6) for p in (unreadable, faulty, good)]
     assert results[0].faces is None and "not a readable image: struct.error" in results[0].error
     assert results[0].sha256 == hashlib.sha256(unreadable.read_bytes()).hexdigest()
     assert results[1].faces is None and results[1].error == "faces could not be looked for: ZeroDivisionError: division by zero"

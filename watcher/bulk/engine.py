@@ -210,7 +210,7 @@ def _classified(
             if batch.num_rows:
                 yield batch
     except ray.exceptions.RayError as exc:
-        raise EngineError(f"Ray stopped the run: {_first_line(exc)}") from None
+        raise EngineError(f"Ray stopped the run: {_last_line(exc)}") from None
 
 
 def _count(rows: pa.Table, summary: RunSummary, logger: structlog.typing.FilteringBoundLogger) -> int:
@@ -227,7 +227,7 @@ def _count(rows: pa.Table, summary: RunSummary, logger: structlog.typing.Filteri
     return files
 
 
-def _first_line(exc: Exception) -> str:
+def _last_line(exc: Exception) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[-1][:300]
 
 

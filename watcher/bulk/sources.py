@@ -9,14 +9,13 @@ fails with the reason, as --once reports it.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from pyarrow import fs as pafs
 
-from model.decode import Decoded, ImageError, decode_faces, decode_file
+from model.decode import Decoded, ImageError, decode_file, decode_read
 from model.faces import Preprocessing
 from model.pool import DecodeFunction
 
@@ -79,25 +78,19 @@ def _list_local(root: Path) -> list[str]:
 @dataclass(frozen=True)
 class RemoteDecode:
     """model.decode.decode_file for a file of a pyarrow filesystem other than the local one: read
-    (within the byte limit), hash, decode, find faces. For DecodePool(decode=...): picklable."""
+    within the byte limit, then what decode_file does. For DecodePool(decode=...): picklable."""
 
     filesystem: pafs.FileSystem
 
     def __call__(self, path: Path, prep: Preprocessing, max_bytes: int) -> Decoded:
-        digest = None
-        try:
-            data = self._read(str(path), max_bytes)
-            digest = hashlib.sha256(data).hexdigest()
-            return Decoded(decode_faces(data, prep), None, digest, None)
-        except ImageError as exc:
-            return Decoded(None, str(exc), digest, None)
+        return decode_read(lambda: self._read(str(path), max_bytes), prep)
 
     def _read(self, path: str, max_bytes: int) -> bytes:
         try:
             with self.filesystem.open_input_stream(path) as stream:
                 data = stream.read(max_bytes + 1)
         except OSError as exc:
-            raise ImageError(f"cannot be read: {exc}") from None
+            raise ImageError(f"cannot read: {exc}") from None
         if len(data) > max_bytes:
             raise ImageError(f"over the limit of {max_bytes} bytes")
         return data
