@@ -26,7 +26,7 @@ from train.evaluate import main as evaluate_main
 from train.metrics import equal_recall_threshold, format_summary, summarize, summarize_groups
 from train.photos import main as photos_main
 from train.photos import upright
-from train.report import nice_ticks, write_evaluation_report
+from train.report import draw_contact_sheet, nice_ticks, write_evaluation_report
 
 
 def make_faces(root, per_class=80, seed=0):
@@ -112,6 +112,16 @@ def test_evaluate_report_lists_and_shows_the_mistakes_and_keeps_the_pictures_out
     assert sheet.size[0] > 500 and sheet.size[1] > 100
     assert (report / "pictures" / ".gitignore").read_text().splitlines()[-1] == "*"
     assert str(swapped) in (report / "summary.md").read_text()
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "WEBP"])
+def test_the_contact_sheet_shows_a_picture_whose_exif_block_is_damaged(tmp_path, fmt):
+    picture = tmp_path / f"face.{fmt.lower()}"
+    Image.new("RGB", (60, 40), (200, 100, 50)).save(picture, fmt, exif=b"Exif\x00\x00" + b"\x00" * 32)
+    mistake = {"file": str(picture), "truth": "female", "answer": "male", "probability": 0.7, "box": [10, 5, 30, 30]}
+    assert draw_contact_sheet([mistake], tmp_path / "sheet.png") == 1
+    with Image.open(tmp_path / "sheet.png") as sheet:
+        assert (200, 100, 50) in {colour for _count, colour in sheet.convert("RGB").getcolors(1 << 16)}
 
 
 def test_missing_or_empty_class_folder_is_a_clear_error(tmp_path):

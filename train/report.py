@@ -10,6 +10,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
+from model.decode import exif_upright
 from train.metrics import format_summary, percent
 
 # Matplotlib's "tab10": distinct for the train, validation and up to eight development curves.
@@ -211,13 +212,13 @@ def _tile(mistake: dict) -> Image.Image:
     tile = Image.new("RGB", (TILE, TILE + 30), "white")
     try:
         with Image.open(mistake["file"]) as img:
-            picture = ImageOps.exif_transpose(img).convert("RGB")  # boxes are in upright pixels
+            picture = exif_upright(img).convert("RGB")  # boxes are in upright pixels
         if mistake["box"]:
             x, y, w, h = mistake["box"]
             margin = 0.25 * max(w, h)
             picture = picture.crop((int(x - margin), int(y - margin), int(x + w + margin), int(y + h + margin)))
         tile.paste(ImageOps.pad(picture, (TILE, TILE), color=(255, 255, 255)))
-    except (OSError, ValueError):
+    except Exception:  # a damaged file that was answered as such: the sheet still shows the rest
         ImageDraw.Draw(tile).text((8, TILE // 2), "cannot show", fill=MUTED, font=_font(11))
     draw = ImageDraw.Draw(tile)
     answer = "no face" if mistake["answer"] is None else f"{mistake['answer']} {mistake['probability']:.2f}"
