@@ -17,9 +17,10 @@ from watcher.inotify import (
     IN_ISDIR,
     IN_MOVED_TO,
     IN_Q_OVERFLOW,
+    OPENED,
     parse_events,
 )
-from watcher.intake import Intake, is_waiting_name
+from watcher.intake import UNCLOSED_SETTLE, Intake, is_waiting_name
 
 
 def test_waiting_names():
@@ -114,6 +115,52 @@ def test_a_file_left_in_the_inbox_after_its_batch_is_taken_again_once_settled(tm
     assert not intake.waiting()
 
 
+def test_a_file_created_under_the_watch_waits_for_its_writer_to_close_it(tmp_path):
+    intake = Intake(tmp_path, settle=1.0)
+    path = tmp_path / "a.jpg"
+    path.write_bytes(b"half")
+    intake.hint({"a.jpg": OPENED})
+    now = time.monotonic()
+    assert intake.take(now) == [] and intake.take(now + 30) == []  # a writer paused long after settle
+    intake.hint({"a.jpg": CHANGED})  # a listing meanwhile does not make it settle sooner
+    assert intake.take(now + 31) == []
+    intake.hint({"a.jpg": CLOSED})
+    assert intake.take(now + 32) == [path]
+
+
+def test_a_file_created_and_never_closed_is_taken_after_a_longer_settle(tmp_path):
+    intake = Intake(tmp_path, settle=1.0)
+    path = tmp_path / "linked.jpg"
+    outside = tmp_path.parent / f"{tmp_path.name}-outside.jpg"
+    outside.write_bytes(b"x")
+    os.link(outside, path)  # a hard link is created with no close event
+    intake.hint({"linked.jpg": OPENED})
+    now = time.monotonic()
+    intake.take(now)
+    assert intake.take(now + UNCLOSED_SETTLE - 1) == []
+    assert intake.take(now + UNCLOSED_SETTLE + 1) == [path]
+
+
+def test_a_paused_writer_is_waited_for_through_the_watch(tmp_path):
+    intake = Intake(tmp_path, settle=0.2, watch=True)
+    intake.rescan()
+    try:
+        with open(tmp_path / "slow.jpg", "wb") as f:
+            f.write(b"half")
+            f.flush()
+            deadline = time.monotonic() + 1.0  # five times settle, the file still open
+            while time.monotonic() < deadline:
+                assert intake.take() == []
+                time.sleep(0.05)
+            f.write(b"rest")
+        deadline = time.monotonic() + 5
+        while not (got := intake.take()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert got == [tmp_path / "slow.jpg"]
+    finally:
+        intake.stop()
+
+
 def test_inotify_events_wake_and_hint(tmp_path):
     woken = []
     intake = Intake(tmp_path, settle=5, watch=True, wake=lambda: woken.append(1))
@@ -149,7 +196,7 @@ def test_parse_events():
         + event(IN_CLOSE_WRITE, b"c.jpg")
         + event(IN_CREATE | IN_ISDIR, b"sub")
     )
-    assert parse_events(data) == ({"a.jpg": CLOSED, "b\u00e9.jpg": CHANGED, "c.jpg": CLOSED}, False, False)
+    assert parse_events(data) == ({"a.jpg": CLOSED, "b\u00e9.jpg": OPENED, "c.jpg": CLOSED}, False, False)
     assert parse_events(event(IN_Q_OVERFLOW) + event(IN_MOVED_TO, b"d.jpg")) == ({"d.jpg": CLOSED}, True, False)
     assert parse_events(event(IN_DELETE_SELF) + event(IN_IGNORED)) == ({}, True, True)  # the folder itself is gone
 

@@ -55,11 +55,11 @@ def test_slowly_written_file_is_taken_only_when_complete(service):
     service.start()
     data = image_bytes(size=(300, 300))
     step = len(data) // 12 + 1
-    with open(service.inbox / "slow.jpg", "wb") as f:  # 12 chunks over ~3 s, pauses under settle_seconds
+    with open(service.inbox / "slow.jpg", "wb") as f:  # 12 chunks over ~4.5 s, as a slow upload
         for start in range(0, len(data), step):
             f.write(data[start : start + step])
             f.flush()
-            time.sleep(0.25)
+            time.sleep(1.5 if start == 5 * step else 0.25)  # one pause 3 times settle_seconds: still open
     service.wait_handled(1)
     (record,) = service.journal_records()
     assert record["status"] == "done", record

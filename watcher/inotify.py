@@ -1,10 +1,10 @@
 """A folder's inotify events as hints, read by a thread of its own (inotify(7) through libc).
 
 Asked only for close-after-write, moved-in and created (and the folder itself going away), the
-kernel sends one event per arriving file and none for a process's own reads of the folder or
-moves out of it, so a busy inbox costs little. The thread only passes hints on; whoever made
-the watch decides what they mean (watcher.intake for the inbox, watcher.reload for the
-checkpoint's folder).
+kernel sends one or two events per arriving file (created, then closed; or moved in) and none
+for a process's own reads of the folder or moves out of it, so a busy inbox costs little. The
+thread only passes hints on; whoever made the watch decides what they mean (watcher.intake for
+the inbox, watcher.reload for the checkpoint's folder).
 """
 
 from __future__ import annotations
@@ -20,7 +20,9 @@ from pathlib import Path
 
 from watcher import log
 
-CLOSED, CHANGED = "closed", "changed"
+# Hints: CLOSED written and closed, or moved in (complete); OPENED created, its writer not done
+# yet; CHANGED anything else worth a look (a listing's names, a name released by the pipeline).
+CLOSED, OPENED, CHANGED = "closed", "opened", "changed"
 IN_CLOSE_WRITE, IN_MOVED_TO, IN_CREATE, IN_Q_OVERFLOW, IN_ISDIR = 0x8, 0x80, 0x100, 0x4000, 0x40000000
 IN_DELETE_SELF, IN_MOVE_SELF, IN_IGNORED = 0x400, 0x800, 0x8000  # the watched folder itself went away
 IN_NONBLOCK, IN_CLOEXEC = os.O_NONBLOCK, os.O_CLOEXEC
@@ -28,7 +30,7 @@ EVENT_HEADER = struct.Struct("iIII")  # wd, mask, cookie, length of the NUL-padd
 
 
 def parse_events(data: bytes) -> tuple[dict[str, str], bool, bool]:
-    """inotify events as read -> ({name: CLOSED or CHANGED}, whether the folder needs a full look,
+    """inotify events as read -> ({name: CLOSED or OPENED}, whether the folder needs a full look,
     whether the watched folder itself is gone). A full look: the kernel dropped events, or the
     folder was deleted or renamed; a gone folder's watch is dead even where a new folder gets
     the same inode number. Sub-folders are left out; a file both created and closed in one read
@@ -42,13 +44,13 @@ def parse_events(data: bytes) -> tuple[dict[str, str], bool, bool]:
         gone |= bool(mask & (IN_DELETE_SELF | IN_MOVE_SELF | IN_IGNORED))
         look_again |= bool(mask & IN_Q_OVERFLOW)
         if name and not mask & IN_ISDIR and hints.get(name) != CLOSED:
-            hints[name] = CHANGED if mask & IN_CREATE else CLOSED
+            hints[name] = OPENED if mask & IN_CREATE else CLOSED
     return hints, look_again or gone, gone
 
 
 class FolderWatch:
     """A thread that reads a folder's inotify events and passes them on as hints, one call per
-    read: `on_hints({name: CLOSED or CHANGED})`, or `on_look_again(gone)` when the kernel dropped
+    read: `on_hints({name: CLOSED or OPENED})`, or `on_look_again(gone)` when the kernel dropped
     events or the folder itself went away. Raises OSError when the watch cannot be set up (out
     of inotify watches or descriptors, no permission)."""
 

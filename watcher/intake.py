@@ -3,17 +3,17 @@
 The directory listing is the truth; watch events are hints that make it fast. A file is ready:
 - on a close-after-write event or when renamed into the inbox (the writer is done), or
 - when its size and mtime have not changed for `settle` seconds of watching (writers inotify
-  cannot see, lost events, files already there at start). Only the service's own monotonic
+  cannot see, lost events, files already there at start), or for UNCLOSED_SETTLE seconds where
+  the watch saw it created and not yet closed: a writer that pauses (a slow upload) still holds
+  it open, and only a hard link is created without a close. Only the service's own monotonic
   clock counts: an mtime in the future (a camera's clock, `rsync -t` from a machine ahead) or a
   step of the system clock does not hold a file back.
 Names that are hidden or temporary (.*, *.part, *.crdownload, *.tmp, ... see WAITING_SUFFIXES)
-wait until renamed. Sub-folders are
-left alone. Symlinks, FIFOs, sockets and devices are ready at once, without waiting to settle: the
-pipeline quarantines them in failed/ without reading them.
+wait until renamed. Sub-folders are left alone. Symlinks, FIFOs, sockets and devices are ready at once,
+without waiting to settle: the pipeline quarantines them in failed/ without reading them.
 
-The inbox is watched with inotify (watcher.inotify): one event per arriving file. The watch
-thread only records hints and calls `wake`; all decisions are made by the service's main loop
-through `take`.
+The inbox is watched with inotify (watcher.inotify). The watch thread only records hints and
+calls `wake`; all decisions are made by the service's main loop through `take`.
 """
 
 from __future__ import annotations
@@ -26,11 +26,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 from watcher import log
-from watcher.inotify import CHANGED, CLOSED, FolderWatch
+from watcher.inotify import CHANGED, CLOSED, OPENED, FolderWatch
 
 # Firefox and curl write .part, Chrome and Edge .crdownload, some tools .partial.
 WAITING_SUFFIXES = (".part", ".partial", ".crdownload", ".tmp", "~")
 MISSING_RECHECK = 1.0  # seconds between looks for an inbox that is missing
+UNCLOSED_SETTLE = 60.0  # seconds unchanged before a file created under the watch, never closed, is taken
 
 
 def is_waiting_name(name: str) -> bool:
@@ -59,7 +60,8 @@ class Intake:
         self._use_watch = watch
         self._lock = threading.Lock()
         self._hints: dict[str, str] = {}
-        self._candidates: dict[str, tuple[int, int, float]] = {}  # name -> (size, mtime_ns, first seen so)
+        # name -> (size, mtime_ns, first seen so, seconds it must stay so)
+        self._candidates: dict[str, tuple[int, int, float, float]] = {}
         self._taken: set[str] = set()
         self._watch: FolderWatch | None = None
         self._watched: tuple[int, int] | None = None  # (device, inode) of the folder listed last
@@ -72,7 +74,7 @@ class Intake:
 
     # -- watch thread ----------------------------------------------------------------------
     def hint(self, hints: dict[str, str]) -> None:
-        """Names that may be ready: CLOSED (written and closed, or renamed in) or CHANGED."""
+        """Names that may be ready: CLOSED (written and closed, or renamed in), OPENED or CHANGED."""
         with self._lock:
             for name, kind in hints.items():
                 if self._hints.get(name) != CLOSED:
@@ -169,8 +171,10 @@ class Intake:
             elif kind == CLOSED:
                 self._candidates.pop(name, None)
                 ready.append(name)  # closed after writing, or renamed in: complete
+            elif kind == OPENED:
+                self._candidates[name] = (-1, -1, now, max(UNCLOSED_SETTLE, self.settle))  # or its writer's close
             else:
-                self._candidates.setdefault(name, (-1, -1, now))
+                self._candidates.setdefault(name, (-1, -1, now, self.settle))
         if later:
             with self._lock:
                 self._hints = later | self._hints
@@ -194,11 +198,11 @@ class Intake:
             return False
         if not stat.S_ISREG(info.st_mode):
             return True
-        size, mtime, since = self._candidates[name]
+        size, mtime, since, quiet = self._candidates[name]
         if (info.st_size, info.st_mtime_ns) != (size, mtime):
-            self._candidates[name] = (info.st_size, info.st_mtime_ns, now)
+            self._candidates[name] = (info.st_size, info.st_mtime_ns, now, quiet)
             return None
-        return True if now - since >= self.settle else None
+        return True if now - since >= quiet else None
 
     def _is_file_like(self, name: str) -> bool:
         try:
