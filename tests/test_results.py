@@ -4,6 +4,7 @@ import json
 import os
 
 import pytest
+import structlog
 
 from tests.conftest import strictly_valid
 from watcher.results import JOURNAL_SHARE, JournalError, ResultStore, encode_results, numbered
@@ -46,8 +47,50 @@ def test_torn_journal_tail_is_dropped(tmp_path):
     with open(s.journal, "ab") as f:
         f.write(b'{"key": "b.jpg", "sta')
     again = store_in(tmp_path)
-    assert [r["key"] for r in again.recover()] == ["a.jpg"]
+    with structlog.testing.capture_logs() as logs:
+        assert [r["key"] for r in again.recover()] == ["a.jpg"]
     assert s.journal.read_bytes().endswith(b"}\n")
+    (kept,) = tmp_path.glob("journal.jsonl.torn-*")
+    assert kept.read_bytes() == b'{"key": "b.jpg", "sta'
+    assert [(e["event"], e["bytes"], e["kept_in"]) for e in logs] == [("journal_tail_cut", 21, str(kept))]
+
+
+@pytest.mark.parametrize("damage", ["cut short", "NUL-filled tail", "emptied", "deleted"])
+def test_a_journal_that_lost_committed_answers_is_refused_and_left_as_it_is(tmp_path, damage):
+    s = store_in(tmp_path)
+    s.recover()
+    s.commit([rec("a.jpg"), rec("b.jpg")])
+    s.commit([rec("c.jpg", "male")])
+    s.close()
+    size = s.journal.stat().st_size
+    if damage == "cut short":
+        os.truncate(s.journal, size - 10)
+    elif damage == "NUL-filled tail":
+        with open(s.journal, "r+b") as f:
+            f.seek(size - 60)
+            f.write(b"\0" * 60)
+    elif damage == "emptied":
+        os.truncate(s.journal, 0)
+    else:
+        s.journal.unlink()
+    damaged = s.journal.read_bytes() if s.journal.exists() else None
+    lacking = r"journal.jsonl lacks \d of the answers in .*process_results.json \(the first: '[ac].jpg'\)"
+    with pytest.raises(JournalError, match=lacking):
+        store_in(tmp_path).recover()
+    assert (s.journal.read_bytes() if s.journal.exists() else None) == damaged  # nothing cut
+    assert json.loads(s.results.read_text()) == {"a.jpg": "female", "b.jpg": "female", "c.jpg": "male"}
+    assert not list(tmp_path.glob("*.torn-*"))
+
+
+def test_a_line_of_nul_bytes_is_named_as_such(tmp_path):
+    s = store_in(tmp_path)
+    s.recover()
+    s.commit([rec("a.jpg")])
+    s.close()
+    with open(s.journal, "ab") as f:
+        f.write(b"\0" * 40 + b"\n")
+    with pytest.raises(JournalError, match=r"line 2: not a journal record .*40 NUL bytes as a power cut leaves"):
+        store_in(tmp_path).recover()
 
 
 def test_rotation_numbers_both_files(tmp_path):

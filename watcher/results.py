@@ -14,9 +14,11 @@ from __future__ import annotations
 import json
 import os
 import re
+import time
 from pathlib import Path
 
 from model.files import fsync_dir, readable_name, write_atomic
+from watcher import log
 
 # A journal record is about 12 times the size of a results entry; a journal that grows past this
 # many times max_bytes is mostly failed files, and rolls over by itself, so that one start-up never
@@ -43,24 +45,49 @@ class ResultStore:
 
     def recover(self) -> list[dict]:
         """Finish an interrupted rotation, drop a torn journal tail, rebuild the results file from
-        the journal. Returns the current journal's records (for completing unfinished moves)."""
-        self._finish_rotation()
-        records = _read_records(self.journal)
+        the journal. Returns the current journal's records (for completing unfinished moves).
+        Raises JournalError where the journal cannot be read, or lacks answers that the results
+        file holds (it was cut or replaced: rebuilding would drop them)."""
+        rotating = self._finish_rotation()
+        records, torn = _read_records(self.journal)
+        if not rotating:  # mid-rotation the results file holds the numbered journal's answers
+            self._check_results_covered(_labels(records))
+        if torn:
+            _cut_torn_tail(self.journal, torn)
         self.current, self._entries = {}, bytearray()
         self._add(_labels(records))
         self._journal_file = open(self.journal, "ab")  # noqa: SIM115 (kept open for appends)
         fsync_dir(self.journal.parent)
         return records
 
-    def _finish_rotation(self) -> None:
-        """Complete a rotation that a crash interrupted. Its first step, renaming the journal to
-        journal.N.jsonl, is its commit point: a newest numbered journal without its numbered
-        results file and with no current journal is one, and that results file is made from
+    def _finish_rotation(self) -> bool:
+        """Complete a rotation that a crash interrupted; whether there was one. Its first step,
+        renaming the journal to journal.N.jsonl, is its commit point: a newest numbered journal
+        with no current journal is one, and its numbered results file, if missing, is made from
         the numbered journal."""
         journals = rotated_numbers(self.journal)
-        if journals and not self.journal.exists() and not numbered(self.results, journals[-1]).exists():
-            records = _read_records(numbered(self.journal, journals[-1]))
+        if not journals or self.journal.exists():
+            return False
+        if not numbered(self.results, journals[-1]).exists():
+            records, _torn = _read_records(numbered(self.journal, journals[-1]))
             write_atomic(numbered(self.results, journals[-1]), encode_results(_labels(records)))
+        return True
+
+    def _check_results_covered(self, labels: dict[str, str]) -> None:
+        """Each batch reaches the journal before the results file, so every answer in the results
+        file is in the journal; one that is not was lost from the journal afterwards."""
+        try:
+            shown = json.loads(self.results.read_bytes())
+        except (OSError, ValueError):
+            return  # missing or damaged: it is derived, and rebuilt from the journal
+        known = {readable_name(key) for key in labels}  # the results file's keys are readable names
+        lacking = [key for key in shown if key not in known] if isinstance(shown, dict) else []
+        if lacking:
+            raise JournalError(
+                f"{self.journal} lacks {len(lacking)} of the answers in {self.results} (the first: {lacking[0]!r}): "
+                f"the journal was cut short, emptied or replaced since. Restore it, or move {self.results.name} "
+                "away to go on from the journal as it is"
+            )
 
     def commit(self, records: list[dict]) -> None:
         """Append records and fsync: from here on they are durable. Then rewrite the results file."""
@@ -110,14 +137,13 @@ class JournalError(ValueError):
     waiting; guessing could drop or repeat answers)."""
 
 
-def _read_records(journal: Path) -> list[dict]:
-    """A journal's records; a torn last line (no newline: never committed) is cut off the file."""
+def _read_records(journal: Path) -> tuple[list[dict], bytes]:
+    """A journal's records, and its torn last line (no newline: a write cut short, never
+    committed), b"" where there is none. Raises JournalError for a line that is not a record."""
     if not journal.exists():
-        return []
+        return [], b""
     data = journal.read_bytes()
     good = data[: data.rfind(b"\n") + 1]
-    if len(good) != len(data):
-        os.truncate(journal, len(good))
     records = []
     for number, line in enumerate(good.splitlines(), 1):
         if not line.strip():
@@ -128,10 +154,26 @@ def _read_records(journal: Path) -> list[dict]:
                 raise ValueError("not an object with a 'key'")
             records.append(record)
         except (ValueError, TypeError, AttributeError) as exc:
+            nul = f", and {line.count(0)} NUL bytes as a power cut leaves" if 0 in line else ""
             raise JournalError(
-                f"{journal}, line {number}: not a journal record ({exc}); repair or remove that line to start"
+                f"{journal}, line {number}: not a journal record ({exc}{nul}); repair or remove that line to start"
             ) from None
-    return records
+    return records, data[len(good) :]
+
+
+def _cut_torn_tail(journal: Path, torn: bytes) -> None:
+    """Cut the torn last line off the journal, its bytes kept beside it (nothing is deleted that
+    someone may want to read), and say so."""
+    kept = journal.with_name(f"{journal.name}.torn-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}")
+    write_atomic(kept, torn)
+    os.truncate(journal, journal.stat().st_size - len(torn))
+    log.get().warning(
+        "journal_tail_cut",
+        journal=str(journal),
+        bytes=len(torn),
+        kept_in=str(kept),
+        reason="a last line without its newline: a write cut short; its files are answered again",
+    )
 
 
 def exact_names(record: dict) -> dict:
