@@ -211,3 +211,17 @@ def test_a_name_that_is_not_utf8_is_written_readable_and_the_journal_keeps_its_b
     assert "key_hex" not in records[0]
     assert strictly_valid(again.results.read_bytes()) == {"caf\\xe9.jpg": "female", "b.jpg": "male"}
     assert strictly_valid(encode_results({name: "male"})) == {"caf\\xe9.jpg": "male"}
+
+
+def test_a_journal_write_that_fails_names_the_journal(tmp_path):
+    s = store_in(tmp_path)
+    s.recover()
+
+    class FullDisk:
+        def write(self, _data):
+            raise OSError(28, "No space left on device")
+
+    s._journal_file = FullDisk()
+    with pytest.raises(OSError, match=r"No space left on device: '.*journal.jsonl'"):
+        s.commit([rec("a.jpg")])
+    assert json.loads(s.results.read_text()) == {}

@@ -93,9 +93,12 @@ class ResultStore:
         """Append records and fsync: from here on they are durable. Then rewrite the results file."""
         if not records:
             return
-        self._journal_file.write(b"".join(_json(r) + b"\n" for r in records))
-        self._journal_file.flush()
-        os.fsync(self._journal_file.fileno())
+        try:
+            self._journal_file.write(b"".join(_json(r) + b"\n" for r in records))
+            self._journal_file.flush()
+            os.fsync(self._journal_file.fileno())
+        except OSError as exc:  # name the file: "No space left on device" alone does not say where
+            raise OSError(exc.errno, exc.strerror, str(self.journal)) from exc
         self._add(_labels(records))
 
     def _add(self, labels: dict[str, str]) -> None:
