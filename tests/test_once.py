@@ -212,10 +212,10 @@ def test_usage_and_config_errors_exit_2(tmp_path, tiny_checkpoint):
     broken.write_bytes(b"PK\x03\x04 truncated")
     proc = run_cli("--once", str(tmp_path), "--config", str(config_for(tmp_path, broken)))
     assert proc.returncode == 2 and proc.stderr.count("broken.pt") == 1, proc.stderr  # said once, not twice
-    proc = run_cli("--once", str(tmp_path), "--output", str(tmp_path / "no" / "r.json"))
-    assert proc.returncode == 2 and "cannot write" in proc.stderr  # said before any file is classified
+    proc = run_cli("--once", str(tmp_path), "--details", str(tmp_path / "no" / "d.jsonl"))
+    assert proc.returncode == 2 and f"the folder {tmp_path / 'no'} does not exist" in proc.stderr  # before any file
     proc = run_cli("--once", str(tmp_path), "--output", str(tmp_path))
-    assert proc.returncode == 2 and "cannot write" in proc.stderr
+    assert proc.returncode == 2 and "cannot write" in proc.stderr and "it is a folder" in proc.stderr
     proc = run_cli("--once", str(tmp_path), "--move", "--output", str(tmp_path / "r.json"))
     assert proc.returncode == 2 and "--output is for --once alone" in proc.stderr
     for option in ("--output", "--details"):  # refused, not ignored while the service starts

@@ -94,8 +94,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         output = args.output or Path("process_results.json")
         for target in filter(None, (output, args.details)):
-            if target.is_dir() or not os.access(target.parent, os.W_OK | os.X_OK):
-                print(f"error: cannot write {target}: it is a folder, or {target.parent} is not a writable one", file=sys.stderr)
+            if problem := _unwritable(target):
+                print(f"error: cannot write {target}: {problem}", file=sys.stderr)
                 return 2
         with pipeline.decode_pool(config) as pool:
             return once.classify_folder(args.once, output, config, pool, details=args.details)
@@ -105,6 +105,17 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         logger.exception("fatal", reason=f"{type(exc).__name__}: {exc}")
         return 3
+
+
+def _unwritable(target: Path) -> str | None:
+    """Why --once could not write its output file `target`, or None."""
+    if target.is_dir():
+        return "it is a folder"
+    if not target.parent.is_dir():
+        return f"the folder {target.parent} does not exist"
+    if not os.access(target.parent, os.W_OK | os.X_OK):
+        return f"the folder {target.parent} is not writable"
+    return None
 
 
 if __name__ == "__main__":
