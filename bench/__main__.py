@@ -5,7 +5,7 @@ Reports, in one run on this machine:
      detection and alignment, and the same without detection (decode + resize to the chip)
   2. model throughput on real faces at batch sizes 1, 32 and 256 (as served: mirror images too
      where the answer is close)
-  3. one image at a time, the original script's way (open, resize, one forward pass per file)
+  3. one image at a time, no batching (open, resize, one forward pass per file)
   4. --once end to end (files on disk to results file written), and its ratios to 1 and 3; --once
      on generated 12-megapixel JPEG photos with one face each
   5. the service: arrival-to-durable latency p50/p99 at a steady rate, and the highest rate it
@@ -87,7 +87,7 @@ def decode_ceiling(files: list[Path], prep: Preprocessing, workers: int, detect:
 
 
 @torch.inference_mode()
-def forward_throughput(checkpoint, faces: torch.Tensor, batch_size: int, seconds: float = 2.0) -> float:
+def forward_throughput(checkpoint: ckpt.Checkpoint, faces: torch.Tensor, batch_size: int, seconds: float = 2.0) -> float:
     """Images/s through the model as served, over batches of real faces (uint8 NCHW): how many go
     through a second time as mirror images depends on the faces."""
     batches = [model_input(checkpoint, faces[i : i + batch_size]) for i in range(0, len(faces) - batch_size + 1, batch_size)]
@@ -101,8 +101,8 @@ def forward_throughput(checkpoint, faces: torch.Tensor, batch_size: int, seconds
 
 
 @torch.inference_mode()
-def one_at_a_time(files: list[Path], checkpoint) -> float:
-    """The original script's way: open, resize, one forward pass per file (the same model, precision
+def one_at_a_time(files: list[Path], checkpoint: ckpt.Checkpoint) -> float:
+    """One image at a time, no batching: open, resize, one forward pass per file (the same model, precision
     and mirror averaging as served), with torch on all cores as a plain script runs it."""
     spec, threads = checkpoint.spec, torch.get_num_threads()
     torch.set_num_threads(usable_cpus())
@@ -116,7 +116,7 @@ def one_at_a_time(files: list[Path], checkpoint) -> float:
     return rate
 
 
-def once_end_to_end(files: list[Path], config, workdir: Path) -> float:
+def once_end_to_end(files: list[Path], config: configuration.Config, workdir: Path) -> float:
     """Checkpoint load to results written, with the decode workers already started."""
     folder = workdir / "once"
     folder.mkdir()
@@ -183,7 +183,7 @@ def make_photos(folder: Path, faces: list[Path], count: int, size: tuple[int, in
     return paths
 
 
-def once_on_photos(files: list[Path], config, workdir: Path, count: int = 60) -> float:
+def once_on_photos(files: list[Path], config: configuration.Config, workdir: Path, count: int = 60) -> float:
     """--once images/s over generated 12-megapixel photos with one face each."""
     photos = make_photos(workdir / "photos", files, count)
     with DecodePool(config.batch.decode_processes) as pool:
@@ -395,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
         ("decode + detection ceiling (all cores, no model)", f"{results['decode_ceiling']:.0f} img/s"),
         ("decode ceiling without detection", f"{results['decode_ceiling_no_detection']:.0f} img/s"),
         *[(f"model as served, batch {bs}", f"{results[f'forward_b{bs}']:.0f} img/s") for bs in (1, 32, 256)],
-        ("one image at a time (original way)", f"{results['one_at_a_time']:.0f} img/s"),
+        ("one image at a time (no batching)", f"{results['one_at_a_time']:.0f} img/s"),
         ("--once end to end", f"{results['once']:.0f} img/s"),
         ("--once / decode ceiling", f"{results['once_vs_decode']:.0%}"),
         ("--once / one at a time", f"{results['once_vs_one_at_a_time']:.2f}x"),

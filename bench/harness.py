@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from contextlib import suppress
 from pathlib import Path
 
@@ -97,7 +98,7 @@ class ServiceProcess:
     def events(self, name: str) -> list[dict]:
         return [e for e in list(self.logs) if e.get("event") == name]
 
-    def wait_for(self, condition, timeout: float = 30, what: str = "condition") -> None:
+    def wait_for(self, condition: Callable[[], object], timeout: float = 30, what: str = "condition") -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if condition():

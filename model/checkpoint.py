@@ -212,11 +212,7 @@ def _checked(payload: object, precision: str) -> Checkpoint:
     if payload["format"] != FORMAT:
         raise CheckpointError(
             f"format {payload['format']!r} is not {FORMAT!r}"
-            + (
-                " (made before face detection: trained on centre crops, not face chips; retrain it)"
-                if payload["format"] == "gender-watcher/1"
-                else ""
-            )
+            + (" (trained on centre crops, not face chips: retrain it)" if payload["format"] == "gender-watcher/1" else "")
         )
     arch = ARCHITECTURES.get(payload["arch"]) if isinstance(payload["arch"], str) else None
     if arch is None:

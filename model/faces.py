@@ -105,8 +105,8 @@ DETECTOR_SETTINGS = (
     ("crop_side", int, 0, math.inf),
     ("crop_face_share", float, 0.0, 1.0),
 )
-# The DetectorSpec keys that the first checkpoints of this format do not record, with the values
-# those were made with: written out here, not taken from the defaults, which may change.
+# The DetectorSpec keys that a checkpoint of this format may omit (the shipped one does), with the
+# values such checkpoints were made with: written out here, not taken from the defaults, which may change.
 UNRECORDED_DETECTOR_SETTINGS = {
     "pad_colour": [128, 128, 128],
     "top_k": 100,

@@ -1,7 +1,7 @@
 """Turning files into labels: decoding and face finding on the worker pool, then batched forward
 passes over every face of the batch.
 
-Shared by `watcher` (one-shot pass and service) and `train.evaluate`.
+Shared by `watcher` (one-shot pass, service and bulk runs), `train.evaluate` and `train.photos`.
 """
 
 from __future__ import annotations

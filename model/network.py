@@ -1,7 +1,7 @@
 """The network: a small VGG-style CNN sized for fast CPU inference on face crops.
 
-Each stage is two 3x3 conv+BN+ReLU layers at one resolution, then a 2x2 max-pool; a global
-average pool and one linear layer give the class logits. With the default widths it has about
+Each stage is two 3x3 conv+BN+ReLU layers at one resolution, then a 2x2 max-pool (all but the
+last); a global average pool and one linear layer give the class logits. With the default widths it has about
 1.2 M parameters and needs ~0.12 GFLOP per 64x64 image (a multiply-add counted as two).
 """
 

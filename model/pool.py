@@ -26,7 +26,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import NamedTuple
 
-from model import DEFAULT_MAX_BYTES
+from model import DEFAULT_MAX_BYTES, DEFAULT_MEMORY_MB
 from model.decode import Decoded, decode_file
 from model.faces import Preprocessing
 from model.files import file_identity
@@ -38,7 +38,6 @@ DEFAULT_TIME_BUDGET = 60.0
 STARTUP_SECONDS = 60.0  # for a worker to start and say it is Ready (imports take about 0.2 s)
 STOP_SECONDS = 2.0  # for an idle worker to exit when asked, before it is killed
 CANCEL_CHECK_SECONDS = 0.25  # how often a wait asks whether it is cancelled
-DEFAULT_MEMORY_MB = 1024  # data a worker may allocate (RLIMIT_DATA); the service's is batch.decode_memory_mb
 OUT_OF_MEMORY = "needs more memory to decode than a decode process may use ({} MB)"
 
 
@@ -162,11 +161,12 @@ class DecodePool:
     """Worker processes that read, hash and decode files, each file within a time budget.
 
     Processes, not threads: most of the per-image work holds the GIL, so threads barely add up.
-    Workers are spawned fresh (not forked from a process with live threads) and import only this
-    module. Each worker gets its share of a batch and sends one result per file, so the pool
-    knows which file a worker is on: a worker that dies on a file (a decoder crash) or spends
-    longer than `time_budget` seconds on one (a hostile image, a stopped process) is killed and
-    replaced, that file fails with the reason, and the files after it go to the new worker.
+    Workers are spawned fresh (not forked from a process with live threads): they import this
+    module and, as spawned processes do, the parent's `__main__` (hence the `if __name__` guard).
+    Each worker gets its share of a batch and sends one result per file, so the pool knows which
+    file a worker is on: a worker that dies on a file (a decoder crash) or spends longer than
+    `time_budget` seconds on one (a hostile image, a stopped process) is killed and replaced,
+    that file fails with the reason, and the files after it go to the new worker.
     """
 
     def __init__(

@@ -394,7 +394,7 @@ def test_the_output_folder_counts_only_output_and_names_a_part_it_cannot_resume_
     (out / "lost+found").mkdir(parents=True)
     (out / ".DS_Store").write_bytes(b"\0")
     first = OutputFolder(str(out), "parquet", resume=False)  # nothing there is output
-    assert not first.exists
+    assert not first.has_output
     first.abandon()
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # the staging folder made to check OUT is gone
     (out / "part-earlier.parquet").write_bytes(b"not parquet")
@@ -413,7 +413,7 @@ def test_parts_without_a_summary_are_resumed_from(tmp_path):
     with pytest.raises(SourceError, match="holds parquet parts; resume it with --format parquet"):
         OutputFolder(str(out), "jsonl", resume=True)
     resumed = OutputFolder(str(out), "parquet", resume=True)
-    assert resumed.exists and resumed.done_paths() == {"a.jpg", "b/c.jpg"} and resumed.previous_runs == []
+    assert resumed.has_output and resumed.done_paths() == {"a.jpg", "b/c.jpg"} and resumed.previous_runs == []
     resumed.finish(RunSummary(resumed.run, "src", "v", "2026-12-08T00:00:00Z", skipped=2))
     assert json.loads((out / SUMMARY).read_text())["runs"][0]["skipped"] == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]

@@ -254,7 +254,7 @@ def test_the_chip_geometry_and_detector_are_part_of_the_checkpoint(good):
     _save_rehashed(payload | {"detector": {"name": "other"} | {"unknown": 1}}, good)
     _refused(good, "bad detector settings")
     torch.save(payload | {"format": "gender-watcher/1"}, good)
-    _refused(good, "before face detection")
+    _refused(good, "trained on centre crops, not face chips: retrain it")
 
 
 def test_a_checkpoint_loads_with_its_own_preprocessing(good):

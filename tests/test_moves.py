@@ -5,7 +5,7 @@ import pytest
 from model.files import file_identity
 from watcher import moves
 from watcher.moves import COUNTED, move_no_clobber, unique_name
-from watcher.pipeline import complete_moves
+from watcher.startup import complete_moves
 
 
 def test_unique_name(tmp_path):

@@ -24,7 +24,7 @@ def shipped():
 def test_shipped_checkpoint_is_small_and_described(shipped):
     assert model.DEFAULT_CHECKPOINT.stat().st_size < 8 * 1024 * 1024
     assert shipped.class_names == ["female", "male"]
-    assert shipped.detector == DetectorSpec()  # what `python -m train` records today: the defaults are what it was made with
+    assert shipped.detector == DetectorSpec()  # the defaults, which `python -m train` records, are what it was made with
     summary = json.loads(REPORT.read_text())
     assert summary["version"] == shipped.version, "the committed report belongs to the committed checkpoint"
     assert shipped.meta["command"] == summary["command"]

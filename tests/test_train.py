@@ -117,7 +117,7 @@ def test_evaluate_report_lists_and_shows_the_mistakes_and_keeps_the_pictures_out
 @pytest.mark.parametrize("fmt", ["PNG", "WEBP"])
 def test_the_contact_sheet_shows_a_picture_whose_exif_block_is_damaged(tmp_path, fmt):
     picture = tmp_path / f"face.{fmt.lower()}"
-    Image.new("RGB", (60, 40), (200, 100, 50)).save(picture, fmt, exif=b"Exif\x00\x00" + b"\x00" * 32)
+    Image.new("RGB", (60, 40), (200, 100, 50)).save(picture, fmt, exif=b"Exif\x00\x00" + b"\x00" * 32, lossless=True)
     mistake = {"file": str(picture), "truth": "female", "answer": "male", "probability": 0.7, "box": [10, 5, 30, 30]}
     assert draw_contact_sheet([mistake], tmp_path / "sheet.png") == 1
     with Image.open(tmp_path / "sheet.png") as sheet:

@@ -246,13 +246,13 @@ def balance_recall(model: GenderNet, logits: torch.Tensor, data: Dataset, source
 
 
 def train_epoch(
-    model,
+    model: GenderNet,
     data: Dataset,
     weights: torch.Tensor,
-    spec,
+    spec: InputSpec,
     chip: ChipSpec,
-    optimizer,
-    scheduler,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
     batch_size: int,
     gen: torch.Generator,
     strength: float,

@@ -26,7 +26,7 @@ class BatchSettings:
     decode_processes: int = 2
     decode_idle_seconds: float = 60.0
     decode_seconds: float = 10.0
-    decode_memory_mb: int = 1024
+    decode_memory_mb: int = model.DEFAULT_MEMORY_MB
     torch_threads: int = 1
     precision: str = "auto"
 
@@ -93,9 +93,9 @@ POSITIVE = (
     "reload.poll_seconds",
 )
 
-# Ranges, the lower bound at least 1, past which a value cannot work: a decode process needs about
-# 100 MB of its own before it decodes anything, and thousands of processes or threads exhaust the
-# machine, not speed it up.
+# Ranges, the lower bound at least 1, past which a value cannot work: a decode process has about
+# 100 MB of data mapped (what the limit counts) before it decodes anything, and thousands of
+# processes or threads exhaust the machine, not speed it up.
 LIMITS = {
     "batch.decode_processes": (1, 256),
     "batch.torch_threads": (1, 256),

@@ -148,23 +148,3 @@ def _move(source: Path, dest: Path, identity: Identity | None, key: str) -> None
     if moved is None or identity is None or moved[:4] != identity[:4]:  # all but the ctime, which the rename set
         move_no_clobber(dest, source.parent / unique_name(source.parent, source.name))
         logger.warning("replaced_before_move", file=source.name, result_kept=key)
-
-
-def complete_moves(records: list[dict]) -> int:
-    """After a crash: move the files whose result is durable but which are still in the inbox.
-    Only the very file that was classified (its identity recorded) is moved: the same photo
-    dropped again under the same name later is a new arrival, which intake takes."""
-    moved = 0
-    for record in records:
-        source, dest = Path(record["source"]), Path(record["dest"])
-        if not os.path.lexists(source) or os.path.lexists(dest):
-            continue
-        identity = file_identity(source)
-        if identity is None or list(identity) != record.get("identity"):
-            continue
-        move_no_clobber(source, dest)
-        moved += 1
-    if moved:
-        for folder in {Path(r["source"]).parent for r in records} | {Path(r["dest"]).parent for r in records}:
-            fsync_dir(folder)
-    return moved

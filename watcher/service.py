@@ -96,7 +96,7 @@ class Service:
         beats = {"heartbeat": lambda: notify("WATCHDOG=1"), "heartbeat_seconds": ping_every} if ping_every else {}
         checkpoint_signature = signature(config.checkpoint)  # before loading: a file replaced meanwhile is new
         with (
-            startup.serving(config, inbox_may_be_missing=True) as (model, store),
+            startup.serving(config, inbox_may_be_missing=True) as (checkpoint, store),
             pipeline.decode_pool(config, cancelled=self._stop_overdue, **beats) as pool,
         ):
             timing = config.intake.settle_seconds, config.intake.rescan_seconds
@@ -106,7 +106,7 @@ class Service:
             reloader = Reloader(
                 config.checkpoint,
                 config.batch.precision,
-                model,
+                checkpoint,
                 self.waker.wake,
                 config.reload.poll_seconds,
                 loaded_signature=checkpoint_signature,
@@ -116,8 +116,8 @@ class Service:
                 "start",
                 pid=os.getpid(),
                 inbox=str(config.inbox),
-                checkpoint=model.version,
-                precision=str(model.dtype).removeprefix("torch."),
+                checkpoint=checkpoint.version,
+                precision=str(checkpoint.dtype).removeprefix("torch."),
                 config=config.source,
             )
             if pool.memory_limit_error:
@@ -128,9 +128,9 @@ class Service:
                     decode_seconds=pool.time_budget,
                     reason=f"a file may hold the watchdog ping back past systemd's limit; keep it under {ping_every:g}",
                 )
-            notify(f"READY=1\nSTATUS=serving checkpoint {model.version}")
+            notify(f"READY=1\nSTATUS=serving checkpoint {checkpoint.version}")
             try:
-                self._loop(intake, reloader, pipeline.Pipeline(config, pool, store), model, ping_every)
+                self._loop(intake, reloader, pipeline.Pipeline(config, pool, store), checkpoint, ping_every)
             except DecodeCancelled:
                 self.log.warning("stopped_before_the_batch_was_decoded", grace_seconds=STOP_GRACE, files="left in the inbox")
             finally:
@@ -145,7 +145,7 @@ class Service:
         intake: Intake,
         reloader: Reloader,
         flow: pipeline.Pipeline,
-        model: ckpt.Checkpoint,
+        checkpoint: ckpt.Checkpoint,
         ping_every: float | None,
     ) -> None:
         config, pool = self.config, flow.pool
@@ -172,18 +172,18 @@ class Service:
             first_pending_at = last_batch_at = time.monotonic()
             if not pool.running:
                 self.log.info("decode_workers_start", processes=pool.workers)
-            return flow.start(batch, model), model
+            return flow.start(batch, checkpoint), checkpoint
 
         def finish_in_flight(start_next: bool = True) -> None:
             nonlocal in_flight
-            batch, checkpoint = in_flight
+            batch, batch_checkpoint = in_flight
             in_flight = None
             pool.wait(batch)
             if start_next and self.stop_signal is None:
                 take_ready()
                 if pending:
                     in_flight = start_batch()
-            flow.commit(batch, checkpoint)
+            flow.commit(batch, batch_checkpoint)
             intake.release(batch.paths)
 
         while self.stop_signal is None:
@@ -194,8 +194,8 @@ class Service:
             sighup, self.reload_requested = self.reload_requested, False
             reloaded, reload_at = reloader.step(now, sighup)
             if reloaded is not None:
-                model = reloaded
-                notify(f"STATUS=serving checkpoint {model.version}")
+                checkpoint = reloaded
+                notify(f"STATUS=serving checkpoint {checkpoint.version}")
             if now >= intake.rescan_at:
                 intake.rescan(now)
             take_ready()

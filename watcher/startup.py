@@ -12,8 +12,10 @@ from contextlib import ExitStack, contextmanager, suppress
 from pathlib import Path
 
 from model import checkpoint as ckpt
-from watcher import log, pipeline
+from model.files import file_identity, fsync_dir
+from watcher import log
 from watcher.config import Config, check_service_paths
+from watcher.moves import move_no_clobber
 from watcher.results import ResultStore
 
 LOCK_NAME = ".gender-watcher.lock"  # beside the journal (instance_lock)
@@ -25,7 +27,7 @@ class StartupError(RuntimeError):
 
 
 @contextmanager
-def instance_lock(config: Config):
+def instance_lock(config: Config) -> Iterator[None]:
     """Exclusive locks held for the life of the service or a --once --move pass: one instance per
     journal, and one per inbox (two configurations with different results folders on one inbox
     would answer its files twice).
@@ -87,16 +89,37 @@ def _lock(path: Path, holder_is: str, own_only: bool = False) -> int:
 def open_store(config: Config) -> ResultStore:
     """Recover the results and finish moves that a crash interrupted."""
     store = ResultStore(config.results, config.journal, config.rotation.max_bytes)
-    moved = pipeline.complete_moves(store.recover())
+    moved = complete_moves(store.recover())
     if moved:
         log.get().info("recovered", moved=moved)
     return store
 
 
+def complete_moves(records: list[dict]) -> int:
+    """After a crash: move the files whose result is durable but which are still in the inbox.
+    Only the very file that was classified (its identity recorded) is moved: the same photo
+    dropped again under the same name later is a new arrival, which intake takes."""
+    moved = 0
+    for record in records:
+        source, dest = Path(record["source"]), Path(record["dest"])
+        if not os.path.lexists(source) or os.path.lexists(dest):
+            continue
+        identity = file_identity(source)
+        if identity is None or list(identity) != record.get("identity"):
+            continue
+        move_no_clobber(source, dest)
+        moved += 1
+    if moved:
+        for folder in {Path(r["source"]).parent for r in records} | {Path(r["dest"]).parent for r in records}:
+            fsync_dir(folder)
+    return moved
+
+
 @contextmanager
 def serving(config: Config, inbox_may_be_missing: bool = False) -> Iterator[tuple[ckpt.Checkpoint, ResultStore]]:
     """The checkpoint and the recovered results store, with the instance locks held until the
-    end, when the store is closed. Raises StartupError or ckpt.CheckpointError with the reason."""
+    end, when the store is closed. Raises StartupError, ckpt.CheckpointError, ConfigError (the
+    paths) or JournalError (recovery) with the reason."""
     check_service_paths(config, inbox_may_be_missing=inbox_may_be_missing)
     with instance_lock(config):
         checkpoint = ckpt.load(config.checkpoint, config.batch.precision)

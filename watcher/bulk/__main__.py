@@ -6,6 +6,7 @@ import argparse
 import importlib.util
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from watcher import config as configuration
@@ -23,13 +24,13 @@ exit status:
   0  every file answered
   1  some files failed (each logged with its reason, "no face found" included)
   2  usage, config, source, output or checkpoint error; Ray not installed
-  3  the engine failed (Ray stopped the run, or files came back without rows)
+  3  the engine failed (Ray stopped the run, or files came back without rows), or an unexpected error
   130  stopped by Ctrl-C or SIGTERM; OUT is left as it was"""
 
 NO_RAY = "bulk mode needs Ray Data: pip install 'gender-watcher[ray]' (in a checkout: .venv/bin/pip install -e '.[ray]')"
 
 
-def at_least(least: int):
+def at_least(least: int) -> Callable[[str], int]:
     """An argparse type: an integer no smaller than `least`."""
 
     def parse(text: str) -> int:

@@ -178,7 +178,7 @@ def _classified(
     size = max(1, min(job.batch_size or config.batch.max_size, -(-len(todo) // workers)))
     paths = pa.table({"path": [readable_name(p) for p in todo], "key": [os.fsencode(p) for p in todo]})
     dataset = ray.data.from_arrow([paths.slice(i, size) for i in range(0, len(todo), size)])
-    classifier = {
+    classifier_args = {
         "checkpoint": checkpoint,
         "root": root,
         "filesystem": filesystem,
@@ -192,7 +192,7 @@ def _classified(
         warnings.filterwarnings("ignore", message=".*ray_remote_args.*", category=DeprecationWarning)
         rows = dataset.map_batches(
             Classifier,
-            fn_constructor_kwargs=classifier,
+            fn_constructor_kwargs=classifier_args,
             batch_size=size,
             batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(size=workers),

@@ -65,12 +65,12 @@ class OutputFolder:
         # lost+found) are not.
         listed = self._entries(self.root) if kind == pafs.FileType.Directory else []
         self._earlier = [f for f in listed if f.base_name == SUMMARY or f.base_name.startswith("part-")]
-        self.exists = bool(self._earlier)
-        if self.exists and not resume:
+        self.has_output = bool(self._earlier)
+        if self.has_output and not resume:
             raise SourceError(
                 f"{uri} already holds output: pass --resume to add the files not in it yet, or choose another folder"
             )
-        previous = self._read_summary() if self.exists else {"runs": [], "format": fmt}
+        previous = self._read_summary() if self.has_output else {"runs": [], "format": fmt}
         if previous.get("format") != fmt:
             raise SourceError(f"{uri} holds {previous.get('format')} parts; resume it with --format {previous.get('format')}")
         self.previous_runs: list[dict] = previous["runs"]
@@ -155,14 +155,14 @@ class OutputFolder:
     def finish(self, summary: RunSummary) -> None:
         """Write what is pending (an empty part for a first run without rows, so that the schema is
         on record), then put the parts in place and write `_SUCCESS`."""
-        if self._pending or not (self._parts or self.exists):
+        if self._pending or not (self._parts or self.has_output):
             self._flush()
         runs = [*self.previous_runs, asdict(summary)]
         totals = {key: sum(r.get(key, 0) for r in runs) for key in ("files", "answered", "failed", "faces")}
         text = json.dumps({**totals, "format": self.fmt, "runs": runs}, indent=2) + "\n"
         with self.fs.open_output_stream(f"{self.staging}/{SUMMARY}") as stream:
             stream.write(text.encode())
-        if not self.exists and self._kind(self.root) == pafs.FileType.NotFound and _renames_folders(self.fs):
+        if not self.has_output and self._kind(self.root) == pafs.FileType.NotFound and _renames_folders(self.fs):
             self.fs.move(self.staging, self.root)
             return
         self.fs.create_dir(self.root, recursive=True)

@@ -16,11 +16,11 @@ import pyarrow as pa
 import torch
 from pyarrow import fs as pafs
 
-from model import DEFAULT_MAX_BYTES
+from model import DEFAULT_MAX_BYTES, DEFAULT_MEMORY_MB
 from model import checkpoint as ckpt
 from model.faces import FaceRules
 from model.inference import Outcome, classify_batch
-from model.pool import DEFAULT_MEMORY_MB, DEFAULT_TIME_BUDGET, DecodeFunction, DecodePool
+from model.pool import DEFAULT_TIME_BUDGET, DecodeFunction, DecodePool
 from watcher.bulk.sources import decode_function
 
 SCHEMA = pa.schema(
