@@ -3,9 +3,9 @@
 The journal (JSON lines, one record per handled file) is the source of truth; the results file
 {"name.jpg": "female", ...} is derived from it and rewritten atomically after each batch. Each
 entry is encoded once, when it is added; the file is written whole each time, which its size
-limit (`rotation.max_bytes`) keeps cheap. When the results file reaches its size limit, both become numbered
-files (process_results.1.json and journal.1.jsonl, then .2, ...) and fresh ones begin; the
-results file is never missing meanwhile.
+limit (`rotation.max_bytes`) keeps cheap. When the results file reaches that limit, both become
+numbered files (process_results.1.json and journal.1.jsonl, then .2, ...) and fresh ones begin;
+the results file is never missing meanwhile.
 Commit order: see RELIABILITY.md. `encode_results` is the file's format, also for `--once`.
 """
 
