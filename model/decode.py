@@ -140,14 +140,20 @@ def decode_file(path: Path, prep: Preprocessing, max_bytes: int = DEFAULT_MAX_BY
 def decode_read(read: Callable[[], bytes], prep: Preprocessing, identity: Identity | None = None) -> Decoded:
     """Hash and decode the bytes `read` returns (it raises ImageError for a file it will not read);
     a failure is a reason, never an exception. What decode_file does with a reader of any kind."""
-    digest = None
     try:
         data = read()
-        digest = hashlib.sha256(data).hexdigest()
+    except ImageError as exc:
+        return Decoded(None, str(exc), None, identity)
+    except MemoryError:  # the worker's limit: the pool says so
+        raise
+    except Exception as exc:  # a storage library's own error (pyarrow's ArrowInvalid, ...)
+        return Decoded(None, f"cannot read: {type(exc).__name__}: {exc}", None, identity)
+    digest = hashlib.sha256(data).hexdigest()
+    try:
         return Decoded(decode_faces(data, prep), None, digest, identity)
     except ImageError as exc:
         return Decoded(None, str(exc), digest, identity)
-    except MemoryError:  # the worker's limit: the pool says so
+    except MemoryError:
         raise
     except Exception as exc:  # a fault while finding faces (OpenCV, a shape no rule foresaw): this file alone fails
         return Decoded(None, f"faces could not be looked for: {type(exc).__name__}: {exc}", digest, identity)

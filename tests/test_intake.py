@@ -274,7 +274,7 @@ def test_a_folder_that_cannot_be_served_is_not_listed_until_it_can(tmp_path):
         intake.rescan()
     assert [(e["event"], e["reason"]) for e in logs] == [("inbox_unusable", problems[0])]
     assert intake.missing and intake.take() == []
-    problems.clear()  # fixed: the same folder is now asked again and served
+    problems.clear()  # the problem is mended: the same folder is asked again and served
     intake.rescan()
     intake.take()
     assert not intake.missing and intake.take() == [tmp_path / "a.jpg"]

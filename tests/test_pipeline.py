@@ -56,8 +56,8 @@ def test_a_file_deleted_before_its_move_does_not_stop_the_batch(stage):
     kept.write_bytes(image_bytes(colour=(0, 0, 0)))
     real_commit = store.commit
 
-    def commit_then_delete(records):
-        real_commit(records)  # durable now; the owner deletes the file before it is moved
+    def commit_then_delete(records, **options):
+        real_commit(records, **options)  # durable now; the owner deletes the file before it is moved
         gone.unlink()
 
     store.commit = commit_then_delete
@@ -73,7 +73,7 @@ def test_answers_are_logged_only_once_they_are_committed(stage):
     photo.write_bytes(image_bytes())
     blank.write_bytes(b"not an image")
 
-    def disk_full(_records):
+    def disk_full(_records, **_options):
         raise OSError(28, "No space left on device")
 
     store.commit, flow = disk_full, pipeline.Pipeline(config, pool, store)
@@ -81,7 +81,12 @@ def test_answers_are_logged_only_once_they_are_committed(stage):
         flow.process([photo, blank], model)
     assert [e["event"] for e in logs] == []  # nothing claims an answer the journal does not hold
     del store.commit
-    with structlog.testing.capture_logs() as logs:
+
+    def results_file_unwritable(_labels):  # the journal append fitted, the results file's copy does not
+        raise OSError(28, "No space left on device")
+
+    store._add = results_file_unwritable
+    with structlog.testing.capture_logs() as logs, pytest.raises(OSError):
         flow.process([photo, blank], model)
     assert sorted((e["event"], e["file"]) for e in logs if "file" in e) == [("answered", "photo.jpg"), ("failed", "blank.jpg")]
 
@@ -96,8 +101,8 @@ def test_an_entry_swapped_in_before_the_move_never_reaches_done(stage, intruder)
     photo.write_bytes(image_bytes())
     real_commit = store.commit
 
-    def commit_then_swap(records):
-        real_commit(records)
+    def commit_then_swap(records, **options):
+        real_commit(records, **options)
         os.rename(photo, config.inbox / ".hidden.jpg")
         if intruder == "folder":
             photo.mkdir()
@@ -120,8 +125,8 @@ def test_an_entry_swapped_in_that_cannot_be_moved_does_not_stop_the_batch(stage,
     kept.write_bytes(image_bytes(colour=(0, 0, 0)))
     real_commit, real_move = store.commit, pipeline.move_no_clobber
 
-    def commit_then_swap(records):
-        real_commit(records)
+    def commit_then_swap(records, **options):
+        real_commit(records, **options)
         photo.unlink()
         photo.mkdir()
 
@@ -171,6 +176,14 @@ def test_any_exception_while_decoding_fails_only_that_file(tmp_path, monkeypatch
     assert results[0].sha256 == hashlib.sha256(unreadable.read_bytes()).hexdigest()
     assert results[1].faces is None and results[1].error == "faces could not be looked for: ZeroDivisionError: division by zero"
     assert results[2].faces and results[2].error is None
+
+
+def test_a_reader_that_raises_anything_fails_the_file_as_unreadable():
+    def storage_error():
+        raise ValueError("ArrowInvalid: bad object")
+
+    result = decode.decode_read(storage_error, tiny_preprocessing())
+    assert (result.faces, result.error, result.sha256) == (None, "cannot read: ValueError: ArrowInvalid: bad object", None)
 
 
 def test_the_pool_calls_its_heartbeat_while_a_slow_batch_decodes(tmp_path):

@@ -27,7 +27,7 @@ HELP_EPILOG = """examples:
 exit status:
   0  success (--once: every file answered)
   1  --once: some files failed (each reported on stderr with its reason, "no face found" included)
-  2  usage, config or checkpoint error
+  2  usage, config or checkpoint error, or a journal that cannot be read or lacks answers
   3  stopped by an unexpected error (a full disk, a failed write or rename), logged as "fatal"
 
 Every config key is documented in config.yaml."""

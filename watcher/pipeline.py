@@ -89,9 +89,13 @@ class Pipeline:
                 record["reason"] = outcome.error
             records.append(record)
             identities.append(outcome.identity)
-        self.store.commit(records)
-        for record in records:  # after the commit: a line logged is an answer kept
-            _log_answer(record, self.config.logging.answers)
+        level = self.config.logging.answers
+
+        def log_answers() -> None:  # once they are durable: a line logged is an answer kept
+            for record in records:
+                _log_answer(record, level)
+
+        self.store.commit(records, on_durable=log_answers)
         for record, identity in zip(records, identities, strict=True):
             _move(Path(record["source"]), Path(record["dest"]), identity, record["key"])
         for folder in {self.config.done, self.config.failed}:

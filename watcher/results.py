@@ -15,6 +15,8 @@ import json
 import os
 import re
 import time
+from collections.abc import Callable
+from contextlib import suppress
 from pathlib import Path
 
 from model.files import fsync_dir, readable_name, write_atomic
@@ -44,14 +46,14 @@ class ResultStore:
         self._journal_file = None
 
     def recover(self) -> list[dict]:
-        """Finish an interrupted rotation, drop a torn journal tail, rebuild the results file from
+        """Finish an interrupted rotation, cut a torn journal tail, rebuild the results file from
         the journal. Returns the current journal's records (for completing unfinished moves).
         Raises JournalError where the journal cannot be read, or lacks answers that the results
         file holds (it was cut or replaced: rebuilding would drop them)."""
-        rotating = self._finish_rotation()
+        rotated = self._finish_rotation()
         records, torn = _read_records(self.journal)
-        if not rotating:  # mid-rotation the results file holds the numbered journal's answers
-            self._check_results_covered(_labels(records))
+        # Mid-rotation the results file holds the numbered journal's answers (or none yet).
+        self._check_results_covered(_labels(records) if rotated is None else rotated)
         if torn:
             _cut_torn_tail(self.journal, torn)
         self.current, self._entries = {}, bytearray()
@@ -60,18 +62,18 @@ class ResultStore:
         fsync_dir(self.journal.parent)
         return records
 
-    def _finish_rotation(self) -> bool:
-        """Complete a rotation that a crash interrupted; whether there was one. Its first step,
-        renaming the journal to journal.N.jsonl, is its commit point: a newest numbered journal
-        with no current journal is one, and its numbered results file, if missing, is made from
-        the numbered journal."""
+    def _finish_rotation(self) -> dict[str, str] | None:
+        """Complete a rotation that a crash interrupted, and return the labels of the journal it
+        numbered; None where there was none. Its first step, renaming the journal to
+        journal.N.jsonl, is its commit point: a newest numbered journal with no current journal is
+        one, and its numbered results file, if missing, is made from the numbered journal."""
         journals = rotated_numbers(self.journal)
         if not journals or self.journal.exists():
-            return False
+            return None
+        records, _torn = _read_records(numbered(self.journal, journals[-1]))
         if not numbered(self.results, journals[-1]).exists():
-            records, _torn = _read_records(numbered(self.journal, journals[-1]))
             write_atomic(numbered(self.results, journals[-1]), encode_results(_labels(records)))
-        return True
+        return _labels(records)
 
     def _check_results_covered(self, labels: dict[str, str]) -> None:
         """Each batch reaches the journal before the results file, so every answer in the results
@@ -89,8 +91,9 @@ class ResultStore:
                 "away to go on from the journal as it is"
             )
 
-    def commit(self, records: list[dict]) -> None:
-        """Append records and fsync: from here on they are durable. Then rewrite the results file."""
+    def commit(self, records: list[dict], on_durable: Callable[[], None] = lambda: None) -> None:
+        """Append records and fsync: from here on they are durable, and `on_durable` is called.
+        Then rewrite the results file."""
         if not records:
             return
         try:
@@ -99,6 +102,7 @@ class ResultStore:
             os.fsync(self._journal_file.fileno())
         except OSError as exc:  # name the file: "No space left on device" alone does not say where
             raise OSError(exc.errno, exc.strerror, str(self.journal)) from exc
+        on_durable()
         self._add(_labels(records))
 
     def _add(self, labels: dict[str, str]) -> None:
@@ -131,13 +135,15 @@ class ResultStore:
 
     def close(self) -> None:
         if self._journal_file:
-            self._journal_file.close()
+            with suppress(OSError):  # bytes still buffered were never committed (a failed append)
+                self._journal_file.close()
             self._journal_file = None
 
 
 class JournalError(ValueError):
-    """A journal line that cannot be read: the service will not start on it (nothing is lost by
-    waiting; guessing could drop or repeat answers)."""
+    """A journal line that cannot be read, or a journal that lacks answers the results file
+    holds: the service will not start on it (nothing is lost by waiting; guessing could drop or
+    repeat answers)."""
 
 
 def _read_records(journal: Path) -> tuple[list[dict], bytes]:

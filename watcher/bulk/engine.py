@@ -112,7 +112,7 @@ def run(job: BulkRun) -> RunSummary:
             reason = "another file's name reads the same: rename one of them"
             summary.files, summary.failed = summary.files + 1, summary.failed + 1
             summary.failures[reason] = summary.failures.get(reason, 0) + 1
-            logger.warning("failed", file=readable_name(twin), reason=reason)
+            logger.warning("failed", file=readable_name(twin), file_hex=os.fsencode(twin).hex(), reason=reason)
         if "ray" not in sys.modules or not sys.modules["ray"].is_initialized():
             start_ray(job.address, job.object_store_mb)  # first: it sets the environment Ray reads when imported
         import ray
