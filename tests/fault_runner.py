@@ -35,14 +35,14 @@ def install(step: str, kind: str) -> None:
     armed = {"on": False}
     real_commit = results.ResultStore.commit
 
-    def commit(self, records):
+    def commit(self, records, **options):
         armed["on"] = True  # faults only inside a batch commit, not during start-up recovery
         if step == "journal_append":
             data = b"".join(json.dumps(r, ensure_ascii=False).encode() + b"\n" for r in records)
             self._journal_file.write(data[: len(data) // 2])  # a torn append: some whole lines, one cut
             self._journal_file.flush()
             fail(kind)
-        return real_commit(self, records)
+        return real_commit(self, records, **options)
 
     results.ResultStore.commit = commit
 
