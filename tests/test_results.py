@@ -18,6 +18,15 @@ def store_in(tmp_path, max_bytes=10_000):
     return ResultStore(tmp_path / "process_results.json", tmp_path / "journal.jsonl", max_bytes)
 
 
+def stopped_after(tmp_path, records, max_bytes=10_000):
+    """A store that committed `records` and was closed, as a service that stopped."""
+    s = store_in(tmp_path, max_bytes)
+    s.recover()
+    s.commit(records)
+    s.close()
+    return s
+
+
 def test_commit_appends_journal_and_rewrites_results(tmp_path):
     s = store_in(tmp_path)
     assert s.recover() == []
@@ -29,10 +38,7 @@ def test_commit_appends_journal_and_rewrites_results(tmp_path):
 
 
 def test_recover_rebuilds_results_from_the_journal(tmp_path):
-    s = store_in(tmp_path)
-    s.recover()
-    s.commit([rec("a.jpg")])
-    s.close()
+    s = stopped_after(tmp_path, [rec("a.jpg")])
     s.results.write_text("{}")  # as if the crash came between journal fsync and results replace
     again = store_in(tmp_path)
     assert [r["key"] for r in again.recover()] == ["a.jpg"]
@@ -40,10 +46,7 @@ def test_recover_rebuilds_results_from_the_journal(tmp_path):
 
 
 def test_a_torn_journal_tail_is_cut_and_kept_beside_it(tmp_path):
-    s = store_in(tmp_path)
-    s.recover()
-    s.commit([rec("a.jpg")])
-    s.close()
+    s = stopped_after(tmp_path, [rec("a.jpg")])
     with open(s.journal, "ab") as f:
         f.write(b'{"key": "b.jpg", "sta')
     again = store_in(tmp_path)
@@ -86,10 +89,7 @@ def test_a_journal_that_lost_committed_answers_is_refused_and_left_as_it_is(tmp_
 
 
 def test_a_line_of_nul_bytes_is_named_as_such(tmp_path):
-    s = store_in(tmp_path)
-    s.recover()
-    s.commit([rec("a.jpg")])
-    s.close()
+    s = stopped_after(tmp_path, [rec("a.jpg")])
     with open(s.journal, "ab") as f:
         f.write(b"\0" * 40 + b"\n")
     with pytest.raises(JournalError, match=r"line 2: not a journal record .*40 NUL bytes as a power cut leaves"):
@@ -113,10 +113,7 @@ def test_rotation_numbers_both_files(tmp_path):
 
 @pytest.mark.parametrize("line", [b"not json", b"[1, 2]", b'"abc"', b'{"status": "done"}'])
 def test_a_journal_line_that_is_not_a_record_is_named_with_its_line(tmp_path, line):
-    s = store_in(tmp_path)
-    s.recover()
-    s.commit([rec("a.jpg")])
-    s.close()
+    s = stopped_after(tmp_path, [rec("a.jpg")])
     with open(s.journal, "ab") as f:
         f.write(line + b"\n")
     with pytest.raises(JournalError, match=r"journal.jsonl, line 2: not a journal record"):
@@ -158,10 +155,7 @@ def test_rotation_never_leaves_the_results_file_missing(tmp_path, monkeypatch):
 
 
 def test_rotation_interrupted_after_its_journal_rename_is_finished(tmp_path):
-    s = store_in(tmp_path, max_bytes=10)
-    s.recover()
-    s.commit([rec("a.jpg"), rec("b.jpg", "male"), rec("a.jpg", "male")])
-    s.close()
+    s = stopped_after(tmp_path, [rec("a.jpg"), rec("b.jpg", "male"), rec("a.jpg", "male")], max_bytes=10)
     os.rename(s.journal, numbered(s.journal, 1))  # crash right after rotation's first step
     again = store_in(tmp_path, max_bytes=10)
     assert again.recover() == []
@@ -201,10 +195,7 @@ def test_results_file_is_the_indented_json_of_all_labels(tmp_path):
 
 def test_a_name_that_is_not_utf8_is_written_readable_and_the_journal_keeps_its_bytes(tmp_path):
     name = os.fsdecode(b"caf\xe9.jpg")  # undecodable byte, kept by Python as a lone surrogate
-    s = store_in(tmp_path)
-    s.recover()
-    s.commit([rec(name), rec("b.jpg", "male")])
-    s.close()
+    s = stopped_after(tmp_path, [rec(name), rec("b.jpg", "male")])
     assert strictly_valid(s.results.read_bytes()) == {"caf\\xe9.jpg": "female", "b.jpg": "male"}
     first = strictly_valid(s.journal.read_bytes().splitlines()[0])
     assert first["key"] == "caf\\xe9.jpg" and bytes.fromhex(first["key_hex"]) == b"caf\xe9.jpg"
