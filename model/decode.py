@@ -78,6 +78,13 @@ def exif_upright(img: Image.Image) -> Image.Image:
         return img
 
 
+def open_upright(path: str | Path) -> Image.Image:
+    """The picture at `path` in RGB as it is shown (EXIF orientation applied, as decode_picture
+    does), read in full so that the file is closed: for pictures made of or drawn over answers."""
+    with Image.open(path) as img:
+        return exif_upright(img).convert("RGB")
+
+
 def decode_picture(data: bytes, longest_side: int) -> tuple[np.ndarray, float]:
     """Decode image bytes into a uint8 RGB array, upright (EXIF), and the scale it was decoded at:
     a JPEG larger than needed is decoded at 1/2, 1/4 or 1/8 of its size, but its longer side no

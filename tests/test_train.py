@@ -14,6 +14,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from model import checkpoint as ckpt
+from model.decode import open_upright
 from model.faces import DetectorSpec, FaceRules
 from model.network import GenderNet
 from model.pool import DecodePool
@@ -25,7 +26,6 @@ from train.evaluate import evaluate_folder
 from train.evaluate import main as evaluate_main
 from train.metrics import equal_recall_threshold, format_summary, summarize, summarize_groups
 from train.photos import main as photos_main
-from train.photos import upright
 from train.report import draw_contact_sheet, nice_ticks, write_evaluation_report
 
 
@@ -418,4 +418,4 @@ def test_pasted_faces_are_upright(tmp_path):
     exif = Image.Exif()
     exif[0x0112] = 6  # shown turned by 90 degrees
     Image.new("RGB", (60, 40), (120, 80, 60)).save(tmp_path / "turned.jpg", exif=exif)
-    assert upright(tmp_path / "turned.jpg").size == (40, 60)
+    assert open_upright(tmp_path / "turned.jpg").size == (40, 60)

@@ -21,7 +21,7 @@ from PIL import Image, ImageDraw, ImageFilter
 
 import model
 from model import checkpoint as ckpt
-from model.decode import exif_upright
+from model.decode import open_upright
 from model.faces import FaceRules
 from model.inference import Outcome, classify_in_batches
 from model.pool import DecodePool, usable_cpus
@@ -60,13 +60,6 @@ def compose(faces: list[Image.Image], rng: random.Random, size: tuple[int, int] 
     return img, boxes
 
 
-def upright(path: Path) -> Image.Image:
-    """The picture at `path` as it is shown (EXIF orientation applied, as serving decodes it), read
-    in full so that the file is closed."""
-    with Image.open(path) as img:
-        return exif_upright(img).convert("RGB")
-
-
 def _jpeg(img: Image.Image, path: Path) -> Path:
     buffer = io.BytesIO()
     img.save(buffer, "JPEG", quality=90)
@@ -92,7 +85,7 @@ def measure(folder: Path, checkpoint: ckpt.Checkpoint, pool: DecodePool, picture
             shown = []
             for item in group:
                 try:
-                    shown.append((item, upright(item[0])))
+                    shown.append((item, open_upright(item[0])))
                 except (OSError, ValueError, Image.DecompressionBombError) as exc:  # as train.evaluate, skipped and listed
                     unreadable[item[0]] = f"{item[0]}: {type(exc).__name__}: {exc}"
             if not shown:

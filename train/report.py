@@ -10,7 +10,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
-from model.decode import exif_upright
+from model.decode import open_upright
 from train.metrics import format_summary, percent
 
 # Matplotlib's "tab10": distinct for the train, validation and up to eight development curves.
@@ -211,8 +211,7 @@ def _tile(mistake: dict) -> Image.Image:
     when no face was found, captioned with the truth and the answer."""
     tile = Image.new("RGB", (TILE, TILE + 30), "white")
     try:
-        with Image.open(mistake["file"]) as img:
-            picture = exif_upright(img).convert("RGB")  # boxes are in upright pixels
+        picture = open_upright(mistake["file"])  # boxes are in upright pixels
         if mistake["box"]:
             x, y, w, h = mistake["box"]
             margin = 0.25 * max(w, h)
