@@ -22,12 +22,13 @@ def readable_name(name: str) -> str:
         return name.encode("utf-8", "backslashreplace").decode()
 
 
-def file_identity(path: str | Path) -> Identity | None:
+def file_identity(path: str | Path, follow_symlinks: bool = False) -> Identity | None:
     """What changes when a file is replaced or rewritten under the same name; None if it is gone.
-    The ctime is set by the kernel when an inode is made or changed and cannot be set back, so a
-    copy of the same bytes put there again (cp -p, rsync -t, even on a reused inode) differs."""
+    The ctime is set by the kernel when an inode is made or changed (chmod and chown too) and
+    cannot be set back, so a copy of the same bytes put there again (cp -p, rsync -t, even on a
+    reused inode) differs. Of the entry itself, or with `follow_symlinks` of what it points to."""
     try:
-        info = os.lstat(path)
+        info = os.stat(path, follow_symlinks=follow_symlinks)
     except OSError:
         return None
     return (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)

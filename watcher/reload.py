@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from model import checkpoint as ckpt
+from model.files import Identity, file_identity
 from watcher import log
 from watcher.inotify import FolderWatch
 
@@ -42,14 +43,10 @@ def _folder_identity(folder: Path) -> tuple[int, int] | None:
     return (info.st_dev, info.st_ino)
 
 
-def signature(path: Path) -> tuple[int, int, int, int] | None:
-    """What tells one checkpoint file from its replacement: inode, size, modification time, and
-    the change time, which chmod and chown set too (a refused file made readable is tried again)."""
-    try:
-        info = os.stat(path)
-    except OSError:
-        return None
-    return (info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
+def signature(path: Path) -> Identity | None:
+    """What tells one checkpoint file (through any symlinks) from its replacement, a chmod-ed one
+    included (a refused file made readable is tried again): model.files.file_identity."""
+    return file_identity(path, follow_symlinks=True)
 
 
 class Reloader:
@@ -60,7 +57,7 @@ class Reloader:
         serving: ckpt.Checkpoint,
         wake: Callable[[], None] = lambda: None,
         poll_seconds: float = 5.0,
-        loaded_signature: tuple[int, int, int, int] | None = None,
+        loaded_signature: Identity | None = None,
     ) -> None:
         """`loaded_signature`: the file's signature taken before `serving` was read from it, so that
         a file replaced while the service started is loaded too; by default, the file's now."""
