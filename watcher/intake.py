@@ -9,8 +9,8 @@ The directory listing is the truth; watch events are hints that make it fast. A 
   clock counts: an mtime in the future (a camera's clock, `rsync -t` from a machine ahead) or a
   step of the system clock does not hold a file back.
 Names that are hidden or temporary (.*, *.part, *.crdownload, *.tmp, ... see WAITING_SUFFIXES)
-wait until renamed. Sub-folders are left alone. Symlinks, FIFOs, sockets and devices are ready at once,
-without waiting to settle: the pipeline quarantines them in failed/ without reading them.
+wait until renamed. Sub-folders are left alone. Symlinks, FIFOs, sockets and devices are ready
+at once, without waiting to settle: the pipeline quarantines them in failed/ without reading them.
 
 The inbox is watched with inotify (watcher.inotify). The watch thread only records hints and
 calls `wake`; all decisions are made by the service's main loop through `take`.
